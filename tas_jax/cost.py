@@ -1,0 +1,76 @@
+"""What a network costs: the exact counter, TAS's expected cost E and discrete cost F, and the cost loss.
+
+Counting convention (the official one, TAS-SPEC 3.1): MACs are the
+multiply-accumulates of conv and linear layers only, a conv costing
+k*k*C_in*C_out*H_out*W_out and the classifier in*out + out (its bias included);
+batch norm, ReLU, pooling and adds are free. FLOPs = 2 * MACs. Parameters are
+every trainable parameter of the built network: conv kernels, batch-norm scales
+and offsets, classifier weight and bias.
+
+The pruned network follows TAS-SPEC 6.1: a kept block whose input and output
+widths differ gets a 1x1 projection shortcut, and the first block of a stage
+reads the output width of the last block kept in the previous stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tas_jax import shapes as shapes_lib
+from tas_jax.shapes import Shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  macs: int
+  params: int
+
+  @property
+  def flops(self) -> int:
+    return 2 * self.macs
+
+
+def shortcut_has_bn(shape_or_arch, block: str, stride: int) -> bool:
+  """Whether a projection shortcut carries batch norm (TAS-SPEC 6.1 table)."""
+  arch = shape_or_arch if isinstance(shape_or_arch, str) else shape_or_arch.arch
+  if arch == "imagenet":
+    return True
+  return stride == 1 and block == "basic"
+
+
+def count(shape: Shape) -> Cost:
+  """Exact MACs and parameters of the pruned network ``shape`` describes."""
+  lay = shape.layout
+  stem = lay.convs[0]
+  w0 = shape.widths[0]
+  macs = stem.kernel**2 * shape.in_channels * w0 * stem.out_hw**2
+  params = stem.kernel**2 * shape.in_channels * w0 + 2 * w0
+  for b in lay.blocks:
+    if b.index >= shape.blocks[b.stage]:
+      continue
+    cin, ws = shape.block_widths(b.stage, b.index)
+    prev = cin
+    for ci, w in zip(b.convs, ws):
+      spec = lay.convs[ci]
+      macs += spec.kernel**2 * prev * w * spec.out_hw**2
+      params += spec.kernel**2 * prev * w + 2 * w
+      prev = w
+    if b.stride > 1 or cin != ws[-1]:
+      macs += cin * ws[-1] * b.out_hw**2
+      params += cin * ws[-1] + (2 * ws[-1] if shortcut_has_bn(shape, shape.block, b.stride) else 0)
+  c = shape.out_width
+  macs += c * shape.num_classes + shape.num_classes
+  params += c * shape.num_classes + shape.num_classes
+  return Cost(int(macs), int(params))
+
+
+def macs(shape: Shape) -> int:
+  return count(shape).macs
+
+
+def params(shape: Shape) -> int:
+  return count(shape).params

@@ -1,0 +1,502 @@
+"""Network shapes: the width of every conv and the blocks kept per stage of a ResNet.
+
+A :class:`Shape` is what TAS searches and what a pruned network is built from
+(TAS-SPEC sections 1, 5 and 6.1). It covers CIFAR ResNets (basic blocks, depth
+6n+2; bottleneck blocks, depth 9n+2) and ImageNet ResNets (18/34 basic, 50/101
+bottleneck).
+
+``widths`` lists the stem width, then the output width of every conv of every
+block in order (conv_a, conv_b for a basic block; conv_1x1, conv_3x3, conv_1x4
+for a bottleneck), blocks dropped by depth truncation included. This is the
+official ``xchannels`` without its leading input-channel entry. ``blocks`` holds
+the blocks kept per stage; a stage keeps a prefix of its blocks.
+
+The static geometry shared by the cost counter, the pruned network and the
+supernet (kernel, stride and output resolution of every conv) is the
+:class:`Layout` of a shape's family, see :func:`layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import functools
+import json
+import os
+from typing import Sequence
+
+FORMAT = "tas_jax.shape/1"
+WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ARCHS = ("cifar", "imagenet")
+BLOCKS = ("basic", "bottleneck")
+SHORTCUTS = ("avgpool", "strided")
+_PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+class ShapeError(ValueError):
+  """A shape, preset name or shape file that cannot be used; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A (possibly pruned) ResNet: its family, conv widths and blocks kept per stage.
+
+  Attributes:
+    arch: ``"cifar"`` (3x3 stem, stages of 16/32/64 planes) or ``"imagenet"``
+      (7x7 stride-2 stem and max pool, stages of 64/128/256/512 planes).
+    block: ``"basic"`` or ``"bottleneck"`` (expansion 4).
+    layers: blocks per stage of the unpruned network.
+    widths: stem width then every conv's output width, dropped blocks included.
+    blocks: blocks kept per stage (a prefix of each stage).
+    num_classes: classifier outputs.
+    in_channels: input image channels.
+    image_size: input resolution the costs are counted at.
+    shortcut: stride-2 shortcut: ``"avgpool"`` (2x2 average pool then 1x1 conv,
+      as the official code) or ``"strided"`` (1x1 stride-2 conv, torchvision).
+      Both have the same MACs and parameters.
+    zero_init_residual: start the last batch-norm scale of every block at 0.
+    allow_wider: accept widths above the unpruned ones. Off by default; the
+      importer sets it for the one official shape that needs it (ImageNet
+      ResNet-50, whose widths came from another candidate set). Such a shape
+      can be built, counted and trained, not searched.
+  """
+
+  arch: str
+  block: str
+  layers: tuple[int, ...]
+  widths: tuple[int, ...]
+  blocks: tuple[int, ...]
+  num_classes: int = 10
+  in_channels: int = 3
+  image_size: int = 32
+  shortcut: str = "avgpool"
+  zero_init_residual: bool = False
+  allow_wider: bool = False
+
+  def __post_init__(self):
+    for name in ("layers", "widths", "blocks"):
+      object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    validate(self)
+
+  @property
+  def convs_per_block(self) -> int:
+    return 2 if self.block == "basic" else 3
+
+  @property
+  def depth(self) -> int:
+    """The conventional depth of the unpruned network (20 for ResNet-20)."""
+    return self.convs_per_block * sum(self.layers) + 2
+
+  @property
+  def nominal(self) -> tuple[int, ...]:
+    """The unpruned width of every entry of ``widths``."""
+    return layout(self.arch, self.block, self.layers, self.image_size).nominal
+
+  @property
+  def layout(self) -> "Layout":
+    return layout(self.arch, self.block, self.layers, self.image_size)
+
+  def replace(self, **changes) -> "Shape":
+    return dataclasses.replace(self, **changes)
+
+  def block_widths(self, stage: int, index: int) -> tuple[int, tuple[int, ...]]:
+    """(input width, conv widths) of kept block ``index`` of ``stage`` in the pruned net."""
+    return self.kept_blocks()[(stage, index)]
+
+  def kept_blocks(self) -> dict[tuple[int, int], tuple[int, tuple[int, ...]]]:
+    """Input width and conv widths of every kept block, following TAS-SPEC 6.1.
+
+    The input of a stage's first block is the output width of the last block
+    kept in the previous stage (not the recorded width of a dropped block).
+    """
+    lay = self.layout
+    out = {}
+    prev = self.widths[0]
+    for b in lay.blocks:
+      if b.index >= self.blocks[b.stage]:
+        continue
+      ws = tuple(self.widths[i] for i in b.convs)
+      out[(b.stage, b.index)] = (prev, ws)
+      prev = ws[-1]
+    return out
+
+  @property
+  def out_width(self) -> int:
+    """Width the classifier reads: the last kept block's output width."""
+    return list(self.kept_blocks().values())[-1][1][-1]
+
+  def to_dict(self) -> dict:
+    d = {"format": FORMAT}
+    d.update(dataclasses.asdict(self))
+    for k in ("layers", "widths", "blocks"):
+      d[k] = list(d[k])
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """Static geometry of one searchable conv (an entry of ``Shape.widths``)."""
+
+  index: int
+  kernel: int
+  stride: int
+  out_hw: int  # output height (= width) in pixels
+  nominal: int  # unpruned output width
+  stage: int  # -1 for the stem
+  block: int  # position in its stage, -1 for the stem
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Static geometry of one residual block of the unpruned network."""
+
+  stage: int
+  index: int  # 0-based position in the stage
+  stride: int
+  in_hw: int
+  out_hw: int
+  convs: tuple[int, ...]  # indices into Shape.widths
+  nominal_in: int
+  nominal_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Kernels, strides and resolutions of a ResNet family; independent of widths."""
+
+  arch: str
+  block: str
+  layers: tuple[int, ...]
+  image_size: int
+  convs: tuple[ConvSpec, ...]
+  blocks: tuple[BlockSpec, ...]
+
+  @property
+  def nominal(self) -> tuple[int, ...]:
+    return tuple(c.nominal for c in self.convs)
+
+  @property
+  def stem_hw(self) -> int:
+    return self.convs[0].out_hw
+
+  def stage_blocks(self, stage: int) -> tuple[BlockSpec, ...]:
+    return tuple(b for b in self.blocks if b.stage == stage)
+
+
+def stage_planes(arch: str, num_stages: int) -> tuple[int, ...]:
+  base = 16 if arch == "cifar" else 64
+  return tuple(base * 2**i for i in range(num_stages))
+
+
+@functools.lru_cache(maxsize=None)
+def layout(arch: str, block: str, layers: tuple[int, ...], image_size: int) -> Layout:
+  """The static geometry of a ResNet family (TAS-SPEC 1.1; ImageNet as torchvision v1.5).
+
+  CIFAR: 3x3 stem at full resolution; stage i halves the resolution for i > 0.
+  ImageNet: 7x7 stride-2 stem, 3x3 stride-2 max pool, then four stages; the
+  bottleneck puts its stride on the 3x3 conv.
+  """
+  if arch == "cifar":
+    stem_k, stem_s, stem_hw, stem_w = 3, 1, image_size, 16
+    hw = stem_hw
+  else:
+    stem_k, stem_s, stem_w = 7, 2, 64
+    stem_hw = _conv_out(image_size, 7, 2)
+    hw = _conv_out(stem_hw, 3, 2)  # max pool
+  convs = [ConvSpec(0, stem_k, stem_s, stem_hw, stem_w, -1, -1)]
+  blocks = []
+  expansion = 1 if block == "basic" else 4
+  prev_nominal = stem_w
+  for s, (n, planes) in enumerate(zip(layers, stage_planes(arch, len(layers)))):
+    for j in range(n):
+      stride = 2 if (s > 0 and j == 0) else 1
+      out_hw = _conv_out(hw, 3, stride) if stride > 1 else hw
+      first = len(convs)
+      if block == "basic":
+        convs.append(ConvSpec(first, 3, stride, out_hw, planes, s, j))
+        convs.append(ConvSpec(first + 1, 3, 1, out_hw, planes, s, j))
+      else:
+        convs.append(ConvSpec(first, 1, 1, hw, planes, s, j))
+        convs.append(ConvSpec(first + 1, 3, stride, out_hw, planes, s, j))
+        convs.append(ConvSpec(first + 2, 1, 1, out_hw, planes * expansion, s, j))
+      blocks.append(BlockSpec(s, j, stride, hw, out_hw, tuple(range(first, len(convs))),
+                              prev_nominal, planes * expansion))
+      prev_nominal = planes * expansion
+      hw = out_hw
+  return Layout(arch, block, tuple(layers), image_size, tuple(convs), tuple(blocks))
+
+
+def _conv_out(hw: int, kernel: int, stride: int) -> int:
+  pad = kernel // 2
+  return (hw + 2 * pad - kernel) // stride + 1
+
+
+def width_choices(nominal: int, ratios: Sequence[float] = WIDTH_RATIOS, multiple: int = 1) -> tuple[int, ...]:
+  """TAS-SPEC 1.2: candidate widths floor(nominal * r), deduplicated and sorted.
+
+  The ratios are read as exact decimals, so floor(32 * 0.7) is 22 with no
+  floating-point surprise. ``multiple > 1`` rounds each candidate to the
+  nearest positive multiple (at most ``nominal``), for accelerator-friendly widths.
+  """
+  out = set()
+  for r in ratios:
+    c = int(fractions.Fraction(str(r)) * nominal)
+    if multiple > 1:
+      c = min(max(multiple, multiple * round(c / multiple)), nominal)
+    if c >= 1:
+      out.add(c)
+  if not out:
+    raise ShapeError(f"no candidate width >= 1 for nominal width {nominal} and ratios {list(ratios)}")
+  return tuple(sorted(out))
+
+
+def depth_choices(arch: str, layers: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+  """TAS-SPEC 1.3: the blocks a stage may keep.
+
+  CIFAR: n <= 3 gives 1..n; n > 3 the odd numbers up to n, plus n.
+  ImageNet: with m = min(layers), stage i gets int(layers_i * j / m), j = 1..m.
+  """
+  if arch == "cifar":
+    out = []
+    for n in layers:
+      if n <= 3:
+        out.append(tuple(range(1, n + 1)))
+      else:
+        c = list(range(1, n + 1, 2))
+        if c[-1] != n:
+          c.append(n)
+        out.append(tuple(c))
+    return tuple(out)
+  m = min(layers)
+  return tuple(tuple(sorted({int(n * j / m) for j in range(1, m + 1)})) for n in layers)
+
+
+def validate(shape: Shape) -> None:
+  """Raise :class:`ShapeError` naming the first inconsistency of ``shape``."""
+  if shape.arch not in ARCHS:
+    raise ShapeError(f"unknown arch {shape.arch!r}; expected one of {ARCHS}")
+  if shape.block not in BLOCKS:
+    raise ShapeError(f"unknown block {shape.block!r}; expected one of {BLOCKS}")
+  if shape.shortcut not in SHORTCUTS:
+    raise ShapeError(f"unknown shortcut {shape.shortcut!r}; expected one of {SHORTCUTS}")
+  if not shape.layers or any(n < 1 for n in shape.layers):
+    raise ShapeError(f"layers must be positive block counts, got {list(shape.layers)}")
+  if shape.arch == "cifar" and len(shape.layers) != 3:
+    raise ShapeError(f"a CIFAR ResNet has 3 stages, got layers {list(shape.layers)}")
+  if shape.arch == "imagenet" and len(shape.layers) != 4:
+    raise ShapeError(f"an ImageNet ResNet has 4 stages, got layers {list(shape.layers)}")
+  if shape.num_classes < 1 or shape.in_channels < 1:
+    raise ShapeError("num_classes and in_channels must be at least 1")
+  min_size = 8 if shape.arch == "cifar" else 32
+  if shape.image_size < min_size:
+    raise ShapeError(f"image_size {shape.image_size} is below {min_size} for a {shape.arch} ResNet")
+  nominal = layout(shape.arch, shape.block, shape.layers, shape.image_size).nominal
+  if len(shape.widths) != len(nominal):
+    raise ShapeError(f"a {shape.arch} {shape.block} ResNet with layers {list(shape.layers)} has "
+                     f"{len(nominal)} widths (stem + every conv), got {len(shape.widths)}")
+  for i, (w, n) in enumerate(zip(shape.widths, nominal)):
+    if w < 1 or (w > n and not shape.allow_wider):
+      raise ShapeError(f"width #{i} is {w}; it must lie in [1, {n}] (the unpruned width)")
+  if len(shape.blocks) != len(shape.layers):
+    raise ShapeError(f"blocks has {len(shape.blocks)} stages, layers has {len(shape.layers)}")
+  for s, (b, n) in enumerate(zip(shape.blocks, shape.layers)):
+    if not 1 <= b <= n:
+      raise ShapeError(f"stage {s} keeps {b} blocks; it must keep between 1 and {n}")
+
+
+# ----------------------------------------------------------------------------- unpruned networks
+
+_IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+                    50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, block: str | None = None, image_size: int = 32) -> Shape:
+  """The unpruned CIFAR ResNet of ``depth``: basic if (depth-2) % 6 == 0 (unless
+  ``block`` says otherwise), else bottleneck with (depth-2) % 9 == 0."""
+  if block is None:  # ResNet-164 and -1001 are the customary bottleneck depths
+    block = "bottleneck" if depth in (164, 1001) or (depth - 2) % 6 else "basic"
+  per = 6 if block == "basic" else 9
+  if depth < per + 2 or (depth - 2) % per:
+    raise ShapeError(f"a CIFAR {block} ResNet has depth {per}n+2, got {depth}")
+  n = (depth - 2) // per
+  return unpruned("cifar", block, (n, n, n), num_classes=num_classes, image_size=image_size)
+
+
+def imagenet_resnet(depth: int, num_classes: int = 1000, shortcut: str = "avgpool", image_size: int = 224) -> Shape:
+  if depth not in _IMAGENET_LAYERS:
+    raise ShapeError(f"ImageNet ResNet depth must be one of {sorted(_IMAGENET_LAYERS)}, got {depth}")
+  block, layers = _IMAGENET_LAYERS[depth]
+  return unpruned("imagenet", block, layers, num_classes=num_classes, shortcut=shortcut, image_size=image_size)
+
+
+def unpruned(arch: str, block: str, layers: Sequence[int], **kw) -> Shape:
+  image_size = kw.setdefault("image_size", 32 if arch == "cifar" else 224)
+  nominal = layout(arch, block, tuple(layers), image_size).nominal
+  return Shape(arch, block, tuple(layers), nominal, tuple(layers), **kw)
+
+
+def is_unpruned(shape: Shape) -> bool:
+  return shape.widths == shape.nominal and shape.blocks == shape.layers
+
+
+def full_shape(shape: Shape) -> Shape:
+  """The unpruned network of the same family as ``shape``."""
+  return shape.replace(widths=shape.nominal, blocks=shape.layers)
+
+
+# ----------------------------------------------------------------------------- presets
+
+_UNPRUNED_PRESETS = {
+    "resnet20": lambda nc: cifar_resnet(20, nc),
+    "resnet32": lambda nc: cifar_resnet(32, nc),
+    "resnet56": lambda nc: cifar_resnet(56, nc),
+    "resnet110": lambda nc: cifar_resnet(110, nc),
+    "resnet164": lambda nc: cifar_resnet(164, nc),
+    "imagenet-resnet18": lambda nc: imagenet_resnet(18, nc),
+    "imagenet-resnet34": lambda nc: imagenet_resnet(34, nc),
+    "imagenet-resnet50": lambda nc: imagenet_resnet(50, nc),
+    "imagenet-resnet101": lambda nc: imagenet_resnet(101, nc),
+}
+
+
+def preset_names() -> list[str]:
+  stored = sorted(f[:-5] for f in os.listdir(_PRESET_DIR) if f.endswith(".json")) if os.path.isdir(_PRESET_DIR) else []
+  return list(_UNPRUNED_PRESETS) + stored
+
+
+def preset(name: str, num_classes: int | None = None) -> Shape:
+  """A named shape: an unpruned ResNet or one of the paper's searched shapes."""
+  if name in _UNPRUNED_PRESETS:
+    default = 1000 if name.startswith("imagenet") else 10
+    return _UNPRUNED_PRESETS[name](num_classes or default)
+  path = os.path.join(_PRESET_DIR, name + ".json")
+  if not os.path.isfile(path):
+    raise ShapeError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+  shape = load(path)
+  return shape.replace(num_classes=num_classes) if num_classes else shape
+
+
+def resolve(spec: str, num_classes: int | None = None) -> Shape:
+  """A preset name, a project shape JSON file, or an official ``.config`` file."""
+  if spec.endswith(".config"):
+    shape = load_official(spec)
+  elif os.path.sep in spec or spec.endswith(".json") or os.path.exists(spec):
+    shape = load(spec)
+  else:
+    return preset(spec, num_classes)
+  return shape.replace(num_classes=num_classes) if num_classes else shape
+
+
+# ----------------------------------------------------------------------------- files
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ShapeError(f"shape file not found: {path}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ShapeError(f"cannot read shape file {path}: {e}") from None
+  except json.JSONDecodeError as e:
+    raise ShapeError(f"shape file {path} is not valid JSON: {e}") from None
+
+
+def from_dict(d: dict, source: str = "shape") -> Shape:
+  if not isinstance(d, dict):
+    raise ShapeError(f"{source}: expected a JSON object")
+  if d.get("format") != FORMAT:
+    raise ShapeError(f"{source}: not a tas_jax shape (format {d.get('format')!r}, expected {FORMAT!r})")
+  fields = {f.name for f in dataclasses.fields(Shape)}
+  missing = {"arch", "block", "layers", "widths", "blocks"} - set(d)
+  if missing:
+    raise ShapeError(f"{source}: missing keys {sorted(missing)}")
+  kw = {k: v for k, v in d.items() if k in fields}
+  try:
+    for k in ("layers", "widths", "blocks"):
+      if not isinstance(kw[k], list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in kw[k]):
+        raise ShapeError(f"{k} must be a list of integers")
+    return Shape(**kw)
+  except ShapeError as e:
+    raise ShapeError(f"{source}: {e}") from None
+  except (TypeError, ValueError) as e:
+    raise ShapeError(f"{source}: malformed shape ({e})") from None
+
+
+def load(path: str) -> Shape:
+  """Read a shape saved by :func:`save`."""
+  return from_dict(_read_json(path), source=path)
+
+
+def save(shape: Shape, path: str) -> None:
+  """Write ``shape`` as JSON atomically (a crash never leaves half a file)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(shape.to_json() + "\n")
+  os.replace(tmp, path)
+
+
+def _official_value(d: dict, key: str, path: str):
+  if key not in d:
+    raise ShapeError(f"{path}: official config lacks {key!r}")
+  entry = d[key]
+  if not (isinstance(entry, list) and len(entry) == 2):
+    raise ShapeError(f"{path}: {key!r} is not a [type, value] pair")
+  typ, val = entry
+  conv = {"int": int, "float": float, "str": str, "bool": lambda v: bool(int(v))}.get(typ)
+  if conv is None:
+    raise ShapeError(f"{path}: {key!r} has unknown type {typ!r}")
+  try:
+    return [conv(v) for v in val] if isinstance(val, list) else conv(val)
+  except (TypeError, ValueError):
+    raise ShapeError(f"{path}: {key!r} holds {val!r}, not of type {typ}") from None
+
+
+def load_official(path: str) -> Shape:
+  """Import a shape in the official TAS ``.config`` format (TAS-SPEC 5).
+
+  ``xchannels`` = [input channels, stem, every conv of every block]; ``xblocks``
+  = blocks kept per stage. CIFAR files name ``depth`` and ``module``; ImageNet
+  files ``block_name`` and ``layers``.
+  """
+  d = _read_json(path)
+  if not isinstance(d, dict):
+    raise ShapeError(f"{path}: expected a JSON object")
+  get = lambda k: _official_value(d, k, path)
+  xchannels, xblocks = get("xchannels"), get("xblocks")
+  num_classes = get("class_num")
+  zero_init = get("zero_init_residual") if "zero_init_residual" in d else False
+  if not isinstance(xchannels, list) or len(xchannels) < 2:
+    raise ShapeError(f"{path}: xchannels must list the input channels and at least the stem")
+  if "depth" in d:
+    module = get("module")
+    blocks = {"ResNetBasicblock": "basic", "ResNetBottleneck": "bottleneck"}
+    if module not in blocks:
+      raise ShapeError(f"{path}: unknown module {module!r}")
+    depth = get("depth")
+    try:
+      base = cifar_resnet(depth, num_classes, block=blocks[module])
+    except ShapeError as e:
+      raise ShapeError(f"{path}: {e}") from None
+    arch, block, layers = "cifar", base.block, base.layers
+  elif "layers" in d:
+    names = {"BasicBlock": "basic", "Bottleneck": "bottleneck"}
+    name = get("block_name")
+    if name not in names:
+      raise ShapeError(f"{path}: unknown block_name {name!r}")
+    if "deep_stem" in d and get("deep_stem"):
+      raise ShapeError(f"{path}: deep_stem ImageNet ResNets are not supported")
+    arch, block, layers = "imagenet", names[name], tuple(get("layers"))
+  else:
+    raise ShapeError(f"{path}: neither a CIFAR (depth/module) nor an ImageNet (layers/block_name) config")
+  widths = tuple(xchannels[1:])
+  try:
+    nominal = layout(arch, block, tuple(layers), 32 if arch == "cifar" else 224).nominal
+    wider = len(widths) == len(nominal) and any(w > n for w, n in zip(widths, nominal))
+    return Shape(arch, block, tuple(layers), widths, tuple(xblocks), num_classes=num_classes,
+                 in_channels=xchannels[0], zero_init_residual=bool(zero_init),
+                 image_size=32 if arch == "cifar" else 224, allow_wider=wider)
+  except ShapeError as e:
+    raise ShapeError(f"{path}: {e}") from None

@@ -1,0 +1,23 @@
+"""Test set-up: 8 fake CPU devices, set before JAX initialises its backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CIFAR_ARCHIVE = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
+OFFICIAL_SHAPES = SHARED / "reference" / "tas-neurips2019-shapes"
+
+
+@pytest.fixture
+def official_shapes_dir():
+  if not OFFICIAL_SHAPES.is_dir():
+    pytest.skip("../shared/reference is not beside this checkout")
+  return OFFICIAL_SHAPES
