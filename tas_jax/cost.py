@@ -74,3 +74,143 @@ def macs(shape: Shape) -> int:
 
 def params(shape: Shape) -> int:
   return count(shape).params
+
+
+# ----------------------------------------------------------------------------- on-device costs of a search space
+
+def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str, projection: bool,
+                bias: bool) -> list:
+  """The additive terms of a network's MACs, for width and depth distributions.
+
+  ``wdist`` [L, K] and ``ddist`` [S, Kd] are distributions over each conv's
+  candidate widths and each stage's depth choices: softmax probabilities for
+  the expected cost, one-hot integers for the discrete cost (where every term
+  is then an exact integer). Widths are products of expectations (TAS-SPEC
+  3.2). ``stage_input="mixture"`` feeds a stage the depth-weighted width of the
+  previous stage's candidate end blocks, as the pruned net does;
+  ``"last"`` feeds it the last block's width, as the official code does.
+  ``projection`` counts the 1x1 shortcut the pruned net adds to an identity
+  block whose input and output widths differ.
+  """
+  lay = space.layout
+  base = space.base
+  cand = jnp.asarray(space.width_table, wdist.dtype)
+  e_w = (wdist * cand).sum(-1)  # expected width of every conv
+  survival = jnp.cumsum(ddist[:, ::-1], axis=1)[:, ::-1]  # P(depth index >= m)
+  stem = lay.convs[0]
+  terms = [stem.kernel**2 * stem.out_hw**2 * base.in_channels * e_w[0]]
+  in_e, in_dist = e_w[0], wdist[0]
+  for s in range(len(base.layers)):
+    choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
+    ends = []
+    for b in lay.stage_blocks(s):
+      m = sum(d < b.index + 1 for d in choices)
+      mult = 1 if b.index == 0 else survival[s, m]
+      block_terms, prev = [], in_e
+      for ci in b.convs:
+        spec = lay.convs[ci]
+        block_terms.append(spec.kernel**2 * spec.out_hw**2 * prev * e_w[ci])
+        prev = e_w[ci]
+      last = b.convs[-1]
+      if b.stride > 1 or b.nominal_in != b.nominal_out:
+        block_terms.append(b.out_hw**2 * in_e * e_w[last])
+      elif projection:  # same candidate list on both sides: P(in != out) weighted
+        same = (in_dist * wdist[last] * cand[last] ** 2).sum()
+        block_terms.append(b.out_hw**2 * (in_e * e_w[last] - same))
+      terms.extend(mult * t for t in block_terms)
+      in_e, in_dist = e_w[last], wdist[last]
+      if b.index + 1 in choices:
+        ends.append(last)
+    if stage_input == "mixture" and len(ends) > 1:
+      q = ddist[s, : len(ends)]
+      in_e = (q * e_w[jnp.array(ends)]).sum()
+      in_dist = (q[:, None] * wdist[jnp.array(ends)]).sum(0)
+  terms.append(in_e * base.num_classes)
+  if bias:
+    terms.append(jnp.asarray(base.num_classes, wdist.dtype))
+  return terms
+
+
+def expected_cost(space: shapes_lib.SearchSpace, width_probs, depth_probs, exact: bool = True):
+  """E(alpha, beta) of TAS-SPEC 3.2 in MACs, differentiable in both distributions.
+
+  ``width_probs`` = softmax(alpha) [L, K] and ``depth_probs`` = softmax(beta)
+  [S, Kd] (plain softmax, no Gumbel noise). E[C_out,l] = sum_j p_l[j] c_l[j];
+  a conv costs k^2 H W E[C_in] E[C_out]; block l of stage s is weighted by its
+  survival probability sum_{k: d_k >= l} P_s[k].
+
+  ``exact=True`` (default) also counts the projection shortcut a pruned net
+  adds where a block's widths differ, feeds each stage the depth-weighted
+  width of the previous stage, and counts the classifier bias, so that at
+  one-hot distributions E equals :func:`count`. ``exact=False`` is the official
+  formula, which misses all three.
+  """
+  kw = dict(stage_input="mixture", projection=True, bias=True) if exact else \
+      dict(stage_input="last", projection=False, bias=False)
+  return sum(_cost_terms(space, width_probs.astype(jnp.float32), depth_probs.astype(jnp.float32), **kw))
+
+
+def argmax_indices(space: shapes_lib.SearchSpace, width_logits, depth_logits):
+  """Candidate index of the argmax shape (TAS-SPEC 5), masked candidates excluded."""
+  neg = jnp.finfo(jnp.float32).min
+  wi = jnp.argmax(jnp.where(space.width_mask, width_logits, neg), axis=-1)
+  di = jnp.argmax(jnp.where(space.depth_mask, depth_logits, neg), axis=-1)
+  return wi.astype(jnp.int32), di.astype(jnp.int32)
+
+
+def discrete_cost(space: shapes_lib.SearchSpace, width_idx, depth_idx, exact: bool = True):
+  """F(A) of TAS-SPEC 3.3: the MACs of the shape given by candidate indices, on device.
+
+  Computed in integers and returned as int32 ``[high, low]`` with MACs =
+  high * 2**16 + low, exact even beyond 2**31 (use :func:`as_int` on the host,
+  :func:`as_float` on device). ``exact=True`` equals :func:`count` of the
+  pruned net; ``exact=False`` is the official F, which feeds a truncated
+  stage's successor the recorded width of its dropped last block and leaves
+  out the classifier bias.
+  """
+  wd = jax.nn.one_hot(width_idx, space.width_table.shape[1], dtype=jnp.int32)
+  dd = jax.nn.one_hot(depth_idx, space.depth_table.shape[1], dtype=jnp.int32)
+  terms = _cost_terms(space, wd, dd, stage_input="mixture" if exact else "last", projection=True, bias=exact)
+  terms = jnp.stack([jnp.asarray(t, jnp.int32) for t in terms])
+  return jnp.stack([(terms >> 16).sum(), (terms & 0xFFFF).sum()]).astype(jnp.int32)
+
+
+def as_float(pair):
+  """A discrete cost pair as float32, on device (relative error about 1e-7)."""
+  return pair[0].astype(jnp.float32) * 65536.0 + pair[1].astype(jnp.float32)
+
+
+def as_int(pair) -> int:
+  """A discrete cost pair as an exact Python integer, on the host."""
+  hi, lo = (int(v) for v in np.asarray(pair))
+  return hi * 65536 + lo
+
+
+# ----------------------------------------------------------------------------- the cost loss
+
+BANDS = ("official", "paper")
+
+
+def cost_band(target, max_cost, band: str = "official", tolerance: float = 0.05):
+  """The band [low, high] the discrete cost should lie in (TAS-SPEC 3.4).
+
+  ``official``: [R - t * MAX, R]; ``paper``: [(1 - t) R, (1 + t) R]; R = target.
+  """
+  if band == "official":
+    return target - tolerance * max_cost, target
+  if band == "paper":
+    return (1 - tolerance) * target, (1 + tolerance) * target
+  raise ValueError(f"unknown cost band {band!r}; expected one of {BANDS}")
+
+
+def cost_loss(expected, discrete, target, max_cost, band: str = "official", tolerance: float = 0.05,
+              weight: float = 2.0):
+  """lambda * L_cost of TAS-SPEC 3.4: +log E above the band, -log E below it, 0 inside.
+
+  The sign comes from the discrete cost F (not differentiable, decided on
+  device with ``jnp.where``); the gradient flows through log E. ``discrete``
+  is a float MAC count (see :func:`as_float`). Units cancel in the gradient.
+  """
+  low, high = cost_band(target, max_cost, band, tolerance)
+  sign = jnp.where(discrete > high, 1.0, jnp.where(discrete < low, -1.0, 0.0))
+  return weight * jax.lax.stop_gradient(sign) * jnp.log(expected)

@@ -1,0 +1,57 @@
+"""Optimisers of the bilevel search (TAS-SPEC 4.1), with PyTorch's coupled weight decay.
+
+PyTorch's SGD and Adam add ``weight_decay * param`` to the gradient before
+any moment is formed (L2 regularisation, not decoupled decay), and the
+official code relies on that for both the network weights and the
+architecture logits. Decay applies to every parameter, BN and biases included.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import optax
+
+LearningRate = Union[float, Callable[[int], float]]
+
+
+def weight_optimizer(
+    lr_schedule: LearningRate,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and coupled L2, as torch.optim.SGD (TAS-SPEC 4.1).
+
+  Per step t, with d = g + wd * p:
+
+    buf = momentum * buf + d            (buf starts at 0, so buf_1 = d_1)
+    u   = d + momentum * buf  if nesterov else buf
+    p   = p - lr(t) * u
+
+  ``lr_schedule`` is a float or a schedule of the update count (0 first).
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(lr_schedule, momentum=momentum if momentum else None, nesterov=nesterov),
+  )
+
+
+def arch_optimizer(
+    lr: LearningRate = 1e-3,
+    b1: float = 0.5,
+    b2: float = 0.999,
+    weight_decay: float = 1e-3,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """Adam with coupled L2 on the architecture logits, as torch.optim.Adam (TAS-SPEC 4.1).
+
+  Per step t = 1, 2, ..., with d = g + wd * p:
+
+    m = b1 * m + (1 - b1) * d,   v = b2 * v + (1 - b2) * d**2
+    p = p - lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.adam(lr, b1=b1, b2=b2, eps=eps),
+  )

@@ -1,0 +1,190 @@
+"""MetricWriter, read_metrics, Progress and PreemptionGuard."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tas_jax.metrics import MetricWriter, Progress, read_metrics
+from tas_jax.preemption import PreemptionGuard
+
+
+def _event_files(workdir):
+  tb = os.path.join(workdir, "tb")
+  return [os.path.join(root, f) for root, _, files in os.walk(tb) for f in files
+          if f.startswith("events.out.tfevents")]
+
+
+def _tb_events(path):
+  """The events of one TensorBoard event file (TFRecord framing, CRCs not checked)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  with open(path, "rb") as f:
+    data = f.read()
+  events, offset = [], 0
+  while offset < len(data):
+    length = int.from_bytes(data[offset:offset + 8], "little")
+    events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
+
+
+def _tb_scalars(path):
+  """(tag, step, value) of the scalar summaries in one event file."""
+  return [(v.tag, e.step, v.simple_value) for e in _tb_events(path) for v in e.summary.value]
+
+
+def test_write_jsonl_and_tensorboard(tmp_path):
+  with MetricWriter(tmp_path) as writer:
+    writer.write(1, {"loss": jnp.float32(2.5), "acc": np.float64(0.25), "epoch": 0},
+                 arch=[16, 8], phase="search")
+    writer.write(2, {"loss": jnp.array(1.5)})
+  records = read_metrics(tmp_path)
+  assert records == [
+      {"step": 1, "loss": 2.5, "acc": 0.25, "epoch": 0, "arch": [16, 8], "phase": "search"},
+      {"step": 2, "loss": 1.5},
+  ]
+  assert read_metrics(tmp_path / "metrics.jsonl") == records
+  files = _event_files(tmp_path)
+  assert len(files) == 1 and os.path.getsize(files[0]) > 0
+  scalars = _tb_scalars(files[0])
+  assert ("loss", 1, 2.5) in scalars and ("loss", 2, 1.5) in scalars and ("acc", 1, 0.25) in scalars
+
+
+def test_records_are_flushed_per_write(tmp_path):
+  writer = MetricWriter(tmp_path, tensorboard=False)
+  writer.write(7, {"x": 1.0})
+  # Readable before close: a crash right after a write loses nothing.
+  assert read_metrics(tmp_path) == [{"step": 7, "x": 1.0}]
+  writer.close()
+  assert not os.path.exists(tmp_path / "tb")
+
+
+def test_non_scalar_metric_is_refused(tmp_path):
+  with MetricWriter(tmp_path, tensorboard=False) as writer:
+    with pytest.raises(TypeError, match="'v' is not a scalar"):
+      writer.write(1, {"v": "high"})
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  with MetricWriter(workdir, enabled=False) as writer:
+    writer.write(1, {"loss": 1.0})
+    writer.write_text(1, "arch", "x")
+    writer.write_hparams({"lr": 0.1})
+    assert writer.truncate_after(0) == 0
+  assert not workdir.exists()
+
+
+def test_truncate_after_drops_ghost_steps_on_resume(tmp_path):
+  with MetricWriter(tmp_path) as writer:
+    for step in range(1, 6):
+      writer.write(step, {"loss": float(step)})
+  # A crash mid-write leaves half a record at the end.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+  # Resumed from the checkpoint of step 3: steps 4..6 will be logged again.
+  with MetricWriter(tmp_path) as writer:
+    assert writer.truncate_after(3) == 2
+    for step in range(4, 7):
+      writer.write(step, {"loss": 10.0 * step})
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]
+  # TensorBoard hides older events from step 4 on when it sees a session
+  # restart at step 4 in the newer file.
+  files = _event_files(tmp_path)
+  assert len(files) == 2
+  newest = [f for f in files if ("loss", 4, 40.0) in _tb_scalars(f)]
+  assert len(newest) == 1
+  restarts = [e.step for e in _tb_events(newest[0]) if e.session_log.status == 1]
+  assert restarts == [4]
+
+  with MetricWriter(tmp_path, tensorboard=False) as writer:
+    assert writer.truncate_after(-1) == 6
+  assert read_metrics(tmp_path) == []
+
+
+def test_write_hparams_and_text(tmp_path):
+  with MetricWriter(tmp_path) as writer:
+    writer.write_hparams({"lr": 0.1, "widths": [0.5, 1.0], "model": "resnet20"}, {"acc": 0.0})
+    writer.write_text(0, "arch", "16-16-32")
+  with open(tmp_path / "hparams.json") as f:
+    assert json.load(f) == {"lr": 0.1, "widths": [0.5, 1.0], "model": "resnet20"}
+  assert _event_files(tmp_path)
+
+
+def test_read_metrics_of_missing_file(tmp_path):
+  assert read_metrics(tmp_path / "nothing.jsonl") == []
+
+
+def test_progress_prints_plain_lines_without_a_tty():
+  stream = io.StringIO()
+  progress = Progress(10, initial=2, desc="search", stream=stream, log_every_s=0.0)
+  progress.set_postfix({"loss": jnp.float32(0.123456), "tau": 5})
+  progress.update(3)
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert lines and lines[-1].startswith("search: 5/10 (50.0%)")
+  assert "ETA" in lines[-1] and "loss=0.1235" in lines[-1] and "tau=5" in lines[-1]
+  quiet = io.StringIO()
+  disabled = Progress(10, stream=quiet, enabled=False)
+  disabled.update(5)
+  disabled.close()
+  assert quiet.getvalue() == ""
+
+
+def test_progress_rate_limits_plain_lines():
+  stream = io.StringIO()
+  with Progress(1000, stream=stream, log_every_s=3600.0) as progress:
+    for _ in range(999):
+      progress.update()
+  # Nothing until the end, then one final line.
+  assert stream.getvalue().count("\n") == 1
+  assert "999/1000" in stream.getvalue()
+
+
+def test_preemption_guard_sigterm_sets_flag_and_restores_handlers():
+  before_term = signal.getsignal(signal.SIGTERM)
+  before_int = signal.getsignal(signal.SIGINT)
+  with PreemptionGuard() as guard:
+    assert not guard.requested and not guard.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    # The handler runs at the next bytecode boundary of the main thread.
+    assert guard.requested
+    assert guard.signal_name == "SIGTERM"
+    assert guard.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
+    assert guard.requested
+  assert signal.getsignal(signal.SIGTERM) is before_term
+  assert signal.getsignal(signal.SIGINT) is before_int
+  assert "step 42" in guard.resume_message(42, "runs/x") and "--workdir=runs/x" in guard.resume_message(42, "runs/x")
+
+
+def test_second_sigint_interrupts_at_once():
+  with PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert guard.requested and guard.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # give the handler a bytecode boundary to run at
+        pass
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_request_without_signal_and_reentry():
+  guard = PreemptionGuard()
+  with guard:
+    assert not guard.should_stop()
+    guard.request("time limit")
+    assert guard.should_stop() and guard.signal_name == "time limit"
+    with pytest.raises(RuntimeError, match="already active"):
+      guard.__enter__()
