@@ -151,6 +151,7 @@ class MetricWriter:
     step = int(step)
     values = {str(k): _scalar(k, v) for k, v in scalars.items()}
     record = {"step": step, **values, **to_json_value(extra)}
+    record["step"] = step
     f = self._jsonl()
     f.write(json.dumps(record) + "\n")
     f.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def _state_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 @pytest.mark.parametrize("damage", ["delete_data", "truncate_data", "truncate_manifest",
-                                    "delete_meta", "truncate_meta"])
+                                    "delete_meta", "truncate_meta", "delete_state", "empty_dir"])
 def test_corrupt_latest_step_is_detected_and_skipped(tmp_path, mesh, damage, caplog):
   state = {"w": parallel.replicate(np.arange(1000, dtype=np.float32), mesh)}
   abstract = abstract_of(state, mesh)
@@ -194,6 +195,12 @@ def test_corrupt_latest_step_is_detected_and_skipped(tmp_path, mesh, damage, cap
     (latest / "state" / "manifest.ocdbt").write_bytes(b"")
   elif damage == "delete_meta":
     (latest / "meta" / "metadata").unlink()
+  elif damage in ("delete_state", "empty_dir"):
+    for item in latest.iterdir():
+      if item.is_dir() and (item.name == "state" or damage == "empty_dir"):
+        shutil.rmtree(item)
+      elif damage == "empty_dir":
+        item.unlink()
   else:
     (latest / "meta" / "metadata").write_text('{"format": "tas_j')
 

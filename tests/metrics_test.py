@@ -44,7 +44,7 @@ def test_write_jsonl_and_tensorboard(tmp_path):
   with MetricWriter(tmp_path) as writer:
     writer.write(1, {"loss": jnp.float32(2.5), "acc": np.float64(0.25), "epoch": 0},
                  arch=[16, 8], phase="search")
-    writer.write(2, {"loss": jnp.array(1.5)})
+    writer.write(2, {"loss": jnp.array(1.5), "step": 99.0})  # the step argument wins
   records = read_metrics(tmp_path)
   assert records == [
       {"step": 1, "loss": 2.5, "acc": 0.25, "epoch": 0, "arch": [16, 8], "phase": "search"},
@@ -166,7 +166,8 @@ def test_preemption_guard_sigterm_sets_flag_and_restores_handlers():
     assert guard.requested
   assert signal.getsignal(signal.SIGTERM) is before_term
   assert signal.getsignal(signal.SIGINT) is before_int
-  assert "step 42" in guard.resume_message(42, "runs/x") and "--workdir=runs/x" in guard.resume_message(42, "runs/x")
+  message = guard.resume_message(42, "runs/x")
+  assert "step 42" in message and "SIGTERM" in message and "--workdir=runs/x" in message
 
 
 def test_second_sigint_interrupts_at_once():
