@@ -23,6 +23,7 @@ import fractions
 import functools
 import json
 import os
+import re
 
 import numpy as np
 from typing import Sequence
@@ -372,10 +373,17 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str, num_classes: int | None = None) -> Shape:
-  """A named shape: an unpruned ResNet or one of the paper's searched shapes."""
+  """A named shape: an unpruned ResNet or one of the paper's searched shapes.
+
+  Besides the listed names, ``resnetN`` is the unpruned CIFAR ResNet of any
+  valid depth N (6n+2 basic, 9n+2 bottleneck), e.g. ``resnet8`` or ``resnet44``.
+  """
   if name in _UNPRUNED_PRESETS:
     default = 1000 if name.startswith("imagenet") else 10
     return _UNPRUNED_PRESETS[name](num_classes or default)
+  m = re.fullmatch(r"resnet(\d+)", name)
+  if m:
+    return cifar_resnet(int(m.group(1)), num_classes or 10)
   path = os.path.join(_PRESET_DIR, name + ".json")
   if not os.path.isfile(path):
     raise ShapeError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")

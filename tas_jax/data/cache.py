@@ -107,6 +107,8 @@ def write(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray]) -> bool:
       np.savez(f, key=np.asarray(key), **arrays)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates the file private; the cache holds nothing secret.
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException as e:
     try:

@@ -174,7 +174,8 @@ def _decode_tree(path: pathlib.Path, on_bad_image: str) -> dict[str, np.ndarray]
       pixels = decode(entry.read(), entry.name)
     except BadImage as e:
       if on_bad_image == "error":
-        raise DataError(f"unreadable image {entry.name} in {path} ({e}); pass on_bad_image='skip' to leave it out") from e
+        raise DataError(f"unreadable image {entry.name} in {path} ({e}); "
+                        "pass on_bad_image='skip' to leave it out") from e
       skipped.append(entry.name)
       continue
     if shape is None:
@@ -213,7 +214,7 @@ def _report_skipped(path: pathlib.Path, skipped: np.ndarray, on_bad_image: str) 
 def resolve(spec: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(spec).expanduser()
   if not path.exists():
-    raise DataError(f"dataset path {path} does not exist (expected a directory or a "
+    raise DataError(f"dataset path {os.fspath(spec)} does not exist (expected a directory or a "
                     f"{'/'.join(ARCHIVE_SUFFIXES)} archive with train/<class>/<image> and test/<class>/<image>)")
   if path.is_file() and not is_archive(path):
     raise DataError(f"{path} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive")

@@ -209,7 +209,7 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
 def train_transform(img: Image.Image, rng: np.random.Generator, size: int, flip: bool = True) -> np.ndarray:
   """Random resized crop to ``size`` x ``size``, then (if ``flip``) a random horizontal flip."""
   left, top, w, h = random_resized_crop_box(rng, img.size[0], img.size[1])
-  out = np.asarray(img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+  out = np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return out

@@ -4,7 +4,8 @@ Class ``c`` is a sinusoidal grating with one of five orientations (``c % 5``)
 whose colour swings along one of two colour axes (``c // 5``: red-cyan or
 blue-yellow). Each image draws its own frequency, phase (a random shift along
 the grating), amplitude, orientation jitter, a soft window at a random place,
-a base colour and pixel noise. The base colour is drawn independently of the
+a weaker distractor grating of random orientation and colour, a base colour and
+pixel noise. The base colour is drawn independently of the
 class, so the mean colour of an image says (almost) nothing about its label:
 a model has to see the orientation and colour axis of the pattern, which a
 small CNN learns in a few hundred steps.
@@ -32,23 +33,31 @@ def class_names() -> tuple[str, ...]:
 def generate(rng: np.random.Generator, labels: np.ndarray, image_size: int = 32) -> np.ndarray:
   """uint8 ``[N, S, S, 3]`` images of the classes ``labels``, drawn from ``rng``."""
   n = labels.shape[0]
+
+  def draw(low: float, high: float, shape=None) -> np.ndarray:
+    return rng.uniform(low, high, n if shape is None else shape).astype(np.float32)
+
   coords = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
   yy, xx = np.meshgrid(coords, coords, indexing="ij")
-  theta = np.pi * (labels % _ORIENTATIONS) / _ORIENTATIONS + rng.uniform(-0.12, 0.12, n)
-  cycles = rng.uniform(2.5, 4.5, n)
-  phase = rng.uniform(0.0, 2 * np.pi, n)
-  along = (np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy)
-  wave = np.sin(2 * np.pi * cycles[:, None, None] * along + phase[:, None, None]).astype(np.float32)
-  centre = rng.uniform(0.2, 0.8, (n, 2))
-  width = rng.uniform(0.25, 0.5, n)
+  def grating(theta: np.ndarray, cycles: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    along = np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy
+    return np.sin(2 * np.pi * cycles[:, None, None] * along + phase[:, None, None])
+
+  theta = (np.pi / _ORIENTATIONS) * (labels % _ORIENTATIONS).astype(np.float32) + draw(-0.2, 0.2)
+  wave = grating(theta, draw(2.5, 4.5), draw(0.0, 2 * np.pi))
+  centre = draw(0.2, 0.8, (n, 2))
+  width = draw(0.25, 0.5)
   dist2 = (yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2
   window = 0.35 + 0.65 * np.exp(-dist2 / (2 * width[:, None, None] ** 2))
-  amplitude = rng.uniform(30.0, 55.0, n).astype(np.float32)
   axis = _COLOUR_AXES[labels // _ORIENTATIONS]
-  pattern = (amplitude[:, None, None] * wave * window)[..., None] * axis[:, None, None, :]
-  base = rng.uniform(70.0, 185.0, (n, 1, 1, 3)).astype(np.float32)
-  noise = rng.normal(0.0, 14.0, (n, image_size, image_size, 3)).astype(np.float32)
-  return np.clip(np.rint(base + pattern + noise), 0, 255).astype(np.uint8)
+  pattern = (draw(22.0, 45.0)[:, None, None] * wave * window)[..., None] * axis[:, None, None, :]
+  # A weaker grating of random orientation and colour that carries no label.
+  d_colour = rng.normal(0.0, 1.0, (n, 3)).astype(np.float32)
+  d_colour *= draw(8.0, 20.0, (n, 1)) / np.linalg.norm(d_colour, axis=1, keepdims=True)
+  distractor = grating(draw(0.0, np.pi), draw(1.5, 5.0), draw(0.0, 2 * np.pi))[..., None] * d_colour[:, None, None, :]
+  base = draw(70.0, 185.0, (n, 1, 1, 3))
+  noise = 20.0 * rng.standard_normal((n, image_size, image_size, 3), dtype=np.float32)
+  return np.clip(np.rint(base + pattern + distractor + noise), 0, 255).astype(np.uint8)
 
 
 def _balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
