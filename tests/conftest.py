@@ -21,3 +21,10 @@ def official_shapes_dir():
   if not OFFICIAL_SHAPES.is_dir():
     pytest.skip("../shared/reference is not beside this checkout")
   return OFFICIAL_SHAPES
+
+# Many tests compile the same step for tiny networks: share compiled programs
+# across tests and test subprocesses through JAX's persistent cache.
+_CACHE = ROOT / ".pytest_cache" / "jax-compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from experiments import latency as latency_cli
+from experiments.configs import train as train_configs
+from tas_jax import cost, data, engine, latency, resnet, shapes, train
+
+# resnet8 with a pruned stage-1 block whose input (16) and output (12) widths
+# differ: a stride-1 projection the unpruned network does not have.
+PRUNED = shapes.preset("resnet8").replace(widths=(16, 8, 12, 24, 32, 48, 64))
+
+
+def tiny_config(mode="base", **overrides):
+  c = train_configs.get_config("resnet8,smoke")
+  c.mode = mode
+  c.batch_size = 16
+  c.eval_batch_size = 200
+  c.num_train_examples = 64  # 4 steps per epoch
+  c.epochs = 2
+  c.log_every_steps = 2
+  c.finetune_epochs = 1
+  c.finetune_lr = 0.01
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def records(workdir, key="loss"):
+  return [(r["step"], r[key]) for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if key in r]
+
+
+def eval_logits(model, seed=0, n=8):
+  images = jax.random.normal(jax.random.key(seed), (n, 32, 32, 3))
+  return np.asarray(model(images))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("base"))
+  result = train.run(tiny_config(), workdir)
+  assert result["finished"]
+  return workdir
+
+
+def test_base_run_outputs(base_run):
+  result = json.load(open(os.path.join(base_run, "result.json")))
+  for key in ("test_top1", "test_top5", "macs", "params", "epochs", "mode", "recipe", "shape", "seed", "wall_s",
+              "train_images_per_s"):
+    assert key in result, key
+  assert result["mode"] == "base" and result["recipe"] == "smoke" and result["epochs"] == 2
+  assert result["macs"] == cost.count(shapes.preset("resnet8")).macs
+  assert 0.0 <= result["test_top1"] <= result["test_top5"] <= 1.0 and result["train_images_per_s"] > 0
+  losses = records(base_run)
+  assert [s for s, _ in losses] == [2, 4, 6, 8]
+  assert {"lr", "train_acc"} <= set(json.loads(open(os.path.join(base_run, "metrics.jsonl")).readline()))
+
+
+def test_load_model_round_trip(base_run):
+  shape, model = train.load_model(base_run)
+  assert shape == shapes.preset("resnet8")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  ds = data.load("synthetic")
+  logits = model(data.normalize(ds.test_images, ds.mean, ds.std))
+  top1 = float((np.asarray(logits).argmax(-1) == ds.test_labels).mean())
+  result = json.load(open(os.path.join(base_run, "result.json")))
+  assert abs(top1 - result["test_top1"]) <= 2e-3  # 8-device vs 1-device float sums may flip a near tie
+  _, again = train.load_model(os.path.join(base_run, "model"))
+  np.testing.assert_array_equal(eval_logits(model), eval_logits(again))
+  with pytest.raises(engine.RunError, match="no trained model"):
+    train.load_model(os.path.join(base_run, "checkpoints"))
+
+
+def test_scratch_b_epochs_and_schedules():
+  assert train.scratch_b_epochs(160, 2_000, 1_000) == 320
+  assert train.scratch_b_epochs(160, 1_000, 700) == 228  # int(228.57...)
+  assert train.scale_milestones((80, 120), 160, 228) == (114, 171)
+  shape = shapes.preset("tas-c10-resnet20")
+  full, mine = cost.count(shapes.preset("resnet20")).macs, cost.count(shape).macs
+  c = train_configs.get_config("resnet20,rethinking")
+  c.mode, c.budget = "scratch", "flops"
+  plan = train.make_plan(c, shape)
+  assert plan.epochs == int(160 * full / mine) > 160
+  assert plan.milestones == (80 * plan.epochs // 160, 120 * plan.epochs // 160)
+  assert plan.budget_ratio == pytest.approx(full / mine) and plan.warmup_epochs == 0
+  c.budget = "epochs"
+  assert train.make_plan(c, shape).epochs == 160 and train.make_plan(c, shape).milestones == (80, 120)
+  o = train_configs.get_config("resnet20")
+  assert train.make_plan(o, shape) == train.Plan(300, 300, 5, 0.1, "cosine", (), 0.1, False, 1.0)
+  o.official_tail = True
+  assert (train.make_plan(o, shape).epochs, train.make_plan(o, shape).schedule_epochs) == (305, 300)
+  o.official_tail, o.epochs = False, 1
+  assert train.make_plan(o, shape).warmup_epochs == 0  # a 1-epoch run does not warm up
+  o.epochs = 20
+  assert train.make_plan(o, shape).warmup_epochs == 2
+  o.mode = "finetune"
+  p = train.make_plan(o, shape)
+  assert (p.epochs, p.lr, p.lr_schedule, p.warmup_epochs) == (40, 0.001, "constant", 0)
+
+
+def test_finetune_inherits_weights(base_run):
+  _, base = train.load_model(base_run)
+  shape, net = train.initial_network(tiny_config("finetune", init_from=base_run), 10)
+  assert shape == shapes.preset("resnet8")
+  net.eval()
+  np.testing.assert_array_equal(eval_logits(net), eval_logits(base))  # the full shape reproduces the base exactly
+  pruned = train.inherit(base, PRUNED)
+  b0 = pruned.blocks[0]
+  np.testing.assert_array_equal(np.asarray(b0.convs[0].conv.kernel[...]),
+                                np.asarray(base.blocks[0].convs[0].conv.kernel[...])[:, :, :16, :8])
+  np.testing.assert_array_equal(np.asarray(b0.convs[1].bn.mean[...]),
+                                np.asarray(base.blocks[0].convs[1].bn.mean[...])[:12])
+  np.testing.assert_array_equal(np.asarray(b0.shortcut.conv.kernel[...])[0, 0], np.eye(16, 12))
+  np.testing.assert_array_equal(np.asarray(pruned.blocks[1].convs[0].conv.kernel[...]),
+                                np.asarray(base.blocks[1].convs[0].conv.kernel[...])[:, :, :12, :24])
+  np.testing.assert_array_equal(np.asarray(pruned.head.kernel[...]), np.asarray(base.head.kernel[...])[:64])
+  with pytest.raises(shapes.ShapeError, match="channels"):
+    train.inherit(pruned, shapes.preset("resnet8"))  # wider than the source
+  r14 = shapes.preset("resnet14")
+  with pytest.raises(shapes.ShapeError, match="drops it"):
+    train.inherit(resnet.build(r14.replace(blocks=(1, 2, 2))), r14)
+
+
+def test_resume_equals_uninterrupted(tmp_path, base_run):
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  make = lambda **kw: tiny_config("finetune", init_from=base_run, finetune_epochs=2, **kw)
+  assert train.run(make(), whole)["finished"]
+  first = train.run(make(stop_after_steps=3), parts)
+  assert first == {"finished": False, "step": 3} and not os.path.exists(os.path.join(parts, "result.json"))
+  train.run(make(stop_after_steps=2), parts)  # 3 -> 5: a stop and a resume inside an epoch
+  done = train.run(make(), parts)
+  assert done["finished"] and done["mode"] == "finetune"
+  _, a = train.load_model(whole)
+  _, b = train.load_model(parts)
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert records(whole) == records(parts)
+  with pytest.raises(engine.RunError, match="finetune_lr"):
+    train.run(make(finetune_lr=0.5), parts)
+
+
+def test_kd_runs_end_to_end(tmp_path, base_run):
+  workdir = str(tmp_path / "kd")
+  result = train.run(tiny_config("kd", teacher=base_run, shape=_save(PRUNED, tmp_path), val_examples=16,
+                                 budget="flops", dtype="bfloat16"), workdir)
+  assert result["finished"] and result["mode"] == "kd"
+  assert result["epochs"] == int(2 * cost.count(shapes.preset("resnet8")).macs / cost.count(PRUNED).macs)
+  assert result["teacher_test_top1"] == json.load(open(os.path.join(base_run, "result.json")))["test_top1"]
+  assert result["macs"] == cost.count(PRUNED).macs and 0 <= result["best_epoch"] < result["epochs"]
+  assert "best_test_top1" in result and "val_top1" in result
+  assert records(workdir, "kl") and records(workdir, "val_top1")
+  shape, model = train.load_model(workdir)
+  assert shape.widths == PRUNED.widths
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_bad_configurations_are_refused(tmp_path, base_run):
+  with pytest.raises(engine.RunError, match="mode must be"):
+    train.run(tiny_config("prune"), str(tmp_path / "a"))
+  with pytest.raises(engine.RunError, match="config.teacher"):
+    train.run(tiny_config("kd", shape="resnet8"), str(tmp_path / "b"))
+  with pytest.raises(engine.RunError, match="config.shape"):
+    train.run(tiny_config("scratch"), str(tmp_path / "c"))
+  with pytest.raises(engine.RunError, match="different layers"):
+    train.run(tiny_config("finetune", init_from=base_run, shape="resnet14"), str(tmp_path / "d"))
+  with pytest.raises(engine.RunError, match="config.init_from"):
+    train.run(tiny_config("finetune"), str(tmp_path / "e"))
+
+
+def _save(shape, tmp_path):
+  path = str(tmp_path / "shape.json")
+  shapes.save(shape, path)
+  return path
+
+
+def test_measure_latency_and_cli(capsys):
+  m = latency.measure_latency(shapes.preset("resnet8"), batch_size=2, runs=2, warmup=1)
+  assert m["median_ms"] > 0 and m["images_per_s"] == pytest.approx(2000 / m["median_ms"])
+  assert latency_cli.main(["resnet8", "--batch_sizes", "2", "--runs", "1", "--warmup", "0", "--no_speedup",
+                           "--json"]) == 0
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert line["shape"] == "resnet8" and line["batch_size"] == 2 and line["macs"] == cost.count(
+      shapes.preset("resnet8")).macs
+  proc = subprocess.run([sys.executable, "-m", "experiments.latency", "resnet8", "no-such-shape"], cwd=ROOT,
+                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip().startswith("error: unknown preset 'no-such-shape'")
+  assert len(proc.stderr.strip().splitlines()) == 1
