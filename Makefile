@@ -22,8 +22,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
+# The demo pipeline (base training, search, distillation, report); DATA=PATH (an image tree or archive) or
+# DATASET=NAME (TFDS) replaces the synthetic data, in a directory of its own unless WORKDIR is given.
+DEMO_SOURCE := $(if $(DATA),$(DATA),$(DATASET))
+DEMO_DIR := $(if $(and $(DEMO_SOURCE),$(filter file default,$(origin WORKDIR))),$(WORKDIR)-$(firstword $(subst ., ,$(notdir $(DEMO_SOURCE)))),$(WORKDIR))
+DEMO_ARGS := $(if $(DEMO_SOURCE),--config.dataset=$(DEMO_SOURCE))
+
 demo: $(STAMP)
-	$(PY) -m experiments.flops --presets
+	$(PY) -m experiments.pipeline --config experiments/configs/pipeline.py:demo --workdir $(DEMO_DIR) $(DEMO_ARGS) $(ARGS)
+	@echo "report: $(DEMO_DIR)/report.md (figures in $(DEMO_DIR)/figures; curves: tensorboard --logdir $(DEMO_DIR))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

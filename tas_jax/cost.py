@@ -79,18 +79,22 @@ def params(shape: Shape) -> int:
 # ----------------------------------------------------------------------------- on-device costs of a search space
 
 def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str, projection: bool,
-                bias: bool) -> list:
-  """The additive terms of a network's MACs, for width and depth distributions.
+                bias: bool, tables=None) -> list:
+  """The additive terms of a network's cost, for width and depth distributions.
 
   ``wdist`` [L, K] and ``ddist`` [S, Kd] are distributions over each conv's
   candidate widths and each stage's depth choices: softmax probabilities for
-  the expected cost, one-hot integers for the discrete cost (where every term
-  is then an exact integer). Widths are products of expectations (TAS-SPEC
-  3.2). ``stage_input="mixture"`` feeds a stage the depth-weighted width of the
-  previous stage's candidate end blocks, as the pruned net does;
+  the expected cost, one-hot integers for the discrete cost (where every MAC
+  term is then an exact integer). MACs use products of expected widths
+  (TAS-SPEC 3.2). ``stage_input="mixture"`` feeds a stage the depth-weighted
+  width of the previous stage's candidate end blocks, as the pruned net does;
   ``"last"`` feeds it the last block's width, as the official code does.
   ``projection`` counts the 1x1 shortcut the pruned net adds to an identity
   block whose input and output widths differ.
+
+  With ``tables`` (a :class:`tas_jax.latency_table.LatencyTables`) each conv
+  costs the bilinear form p_in^T T p_out of its measured latencies instead,
+  which is the exact expectation for independent widths.
   """
   lay = space.layout
   base = space.base
@@ -98,7 +102,10 @@ def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str
   e_w = (wdist * cand).sum(-1)  # expected width of every conv
   survival = jnp.cumsum(ddist[:, ::-1], axis=1)[:, ::-1]  # P(depth index >= m)
   stem = lay.convs[0]
-  terms = [stem.kernel**2 * stem.out_hw**2 * base.in_channels * e_w[0]]
+  if tables is None:
+    terms = [stem.kernel**2 * stem.out_hw**2 * base.in_channels * e_w[0]]
+  else:
+    terms = [(wdist[0] * tables.stem).sum() + tables.offset]
   in_e, in_dist = e_w[0], wdist[0]
   for s in range(len(base.layers)):
     choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
@@ -106,17 +113,25 @@ def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str
     for b in lay.stage_blocks(s):
       m = sum(d < b.index + 1 for d in choices)
       mult = 1 if b.index == 0 else survival[s, m]
-      block_terms, prev = [], in_e
+      block_terms, prev, prev_dist = [], in_e, in_dist
       for ci in b.convs:
         spec = lay.convs[ci]
-        block_terms.append(spec.kernel**2 * spec.out_hw**2 * prev * e_w[ci])
-        prev = e_w[ci]
+        if tables is None:
+          block_terms.append(spec.kernel**2 * spec.out_hw**2 * prev * e_w[ci])
+        else:
+          block_terms.append(prev_dist @ tables.convs[ci] @ wdist[ci])
+        prev, prev_dist = e_w[ci], wdist[ci]
       last = b.convs[-1]
+      k = (b.stage, b.index)
       if b.stride > 1 or b.nominal_in != b.nominal_out:
-        block_terms.append(b.out_hw**2 * in_e * e_w[last])
+        block_terms.append(b.out_hw**2 * in_e * e_w[last] if tables is None
+                           else in_dist @ tables.shortcut[k] @ wdist[last])
       elif projection:  # same candidate list on both sides: P(in != out) weighted
-        same = (in_dist * wdist[last] * cand[last] ** 2).sum()
-        block_terms.append(b.out_hw**2 * (in_e * e_w[last] - same))
+        if tables is None:
+          same = (in_dist * wdist[last] * cand[last] ** 2).sum()
+          block_terms.append(b.out_hw**2 * (in_e * e_w[last] - same))
+        else:
+          block_terms.append(in_dist @ tables.projection[k] @ wdist[last])
       terms.extend(mult * t for t in block_terms)
       in_e, in_dist = e_w[last], wdist[last]
       if b.index + 1 in choices:
@@ -125,10 +140,26 @@ def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str
       q = ddist[s, : len(ends)]
       in_e = (q * e_w[jnp.array(ends)]).sum()
       in_dist = (q[:, None] * wdist[jnp.array(ends)]).sum(0)
-  terms.append(in_e * base.num_classes)
-  if bias:
-    terms.append(jnp.asarray(base.num_classes, wdist.dtype))
+  if tables is None:
+    terms.append(in_e * base.num_classes)
+    if bias:
+      terms.append(jnp.asarray(base.num_classes, wdist.dtype))
+  else:
+    terms.append((in_dist * tables.head).sum())
   return terms
+
+
+def table_cost(space: shapes_lib.SearchSpace, tables, width_dist, depth_dist):
+  """Latency predicted from measured per-conv tables (seconds), differentiable in the distributions.
+
+  With softmax probabilities it is the expected latency (exact for
+  independent widths); with one-hot distributions the predicted latency of
+  that shape. Counts what the pruned net runs: projection shortcuts and the
+  depth-weighted widths after truncated stages.
+  """
+  terms = _cost_terms(space, width_dist.astype(jnp.float32), depth_dist.astype(jnp.float32),
+                      stage_input="mixture", projection=True, bias=False, tables=tables)
+  return sum(terms)
 
 
 def expected_cost(space: shapes_lib.SearchSpace, width_probs, depth_probs, exact: bool = True):

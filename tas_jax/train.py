@@ -18,7 +18,8 @@ Budgets (PRUNING-BASELINES 1.2): ``budget="epochs"`` trains ``epochs`` epochs
 whatever the shape (Scratch-E); ``budget="flops"`` trains
 ``int(epochs * MACs(unpruned) / MACs(shape))`` epochs, as Rethinking's
 ``main_B.py`` does, with the cosine spread over the new length and multistep
-milestones scaled by the same factor (Scratch-B). MACs are this project's
+milestones scaled by the same factor (Scratch-B); base and finetune runs
+ignore the budget. MACs are this project's
 conv + linear multiply-accumulates (:mod:`tas_jax.cost`), not Rethinking's
 all-op FLOPs, so the ratio can differ slightly from theirs.
 
@@ -98,6 +99,22 @@ FINGERPRINT_KEYS = ("mode", "model", "shape", "teacher", "init_from", "budget", 
                     "batch_size", "lr", "lr_schedule", "milestones", "gamma", "official_tail", "lr_per_epoch",
                     "momentum", "nesterov", "weight_decay", "label_smoothing", "finetune_epochs", "finetune_lr",
                     "finetune_lr_schedule", "finetune_milestones", "dtype", "seed")
+
+
+def check_config(config) -> None:
+  """Refuse a configuration that cannot run, before any data is read."""
+  mode = config.get("mode")
+  if mode not in MODES:
+    raise engine.RunError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+  compute_dtype(config)
+  if config.get("budget", "epochs") not in BUDGETS:
+    raise engine.RunError(f"budget must be one of {', '.join(BUDGETS)}, got {config.budget!r}")
+  if mode in ("scratch", "kd") and not config.get("shape"):
+    raise engine.RunError(f"mode {mode} needs config.shape (a preset, a shape JSON or an official .config)")
+  if mode == "kd" and not config.get("teacher"):
+    raise engine.RunError("mode kd needs config.teacher: the directory of a finished base run")
+  if mode == "finetune" and not config.get("init_from"):
+    raise engine.RunError("mode finetune needs config.init_from: a finished training or search run directory")
 
 
 def compute_dtype(config):
@@ -600,8 +617,7 @@ def run(config, workdir: str, distributed=None) -> dict:
   Returns the result dict (``finished`` False when ``stop_after_steps`` stopped it early).
   """
   t_start = time.time()
-  if config.mode not in MODES:
-    raise engine.RunError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+  check_config(config)
   dtype = compute_dtype(config)
   run_ = engine.start(config, workdir, distributed)
   dataset = engine.load_data(config)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -106,6 +107,19 @@ def test_scratch_b_epochs_and_schedules():
   assert (p.epochs, p.lr, p.lr_schedule, p.warmup_epochs) == (40, 0.001, "constant", 0)
 
 
+def test_per_step_schedule_equals_the_per_epoch_one_but_anneals_within_epochs():
+  steps = np.arange(0, 12 * 7)
+  for kind, ms in (("multistep", (5, 9)), ("constant", ())):
+    plan = train.Plan(12, 12, 2, 0.1, kind, ms, 0.1, False, 1.0)
+    per_step = np.asarray(jax.vmap(plan.lr_fn(7))(steps))
+    per_epoch = np.asarray(jax.vmap(dataclasses.replace(plan, per_epoch=True).lr_fn(7))(steps))
+    np.testing.assert_allclose(per_step, per_epoch, rtol=1e-6)  # warmup ramps every step either way
+  one = train.Plan(1, 1, 0, 0.1, "cosine", (), 0.1, False, 1.0)
+  lrs = np.asarray(jax.vmap(one.lr_fn(10))(np.arange(10)))
+  assert lrs[0] == pytest.approx(0.1) and np.all(np.diff(lrs) < 0) and lrs[-1] < 0.003
+  assert np.all(np.asarray(jax.vmap(dataclasses.replace(one, per_epoch=True).lr_fn(10))(np.arange(10))) == lrs[0])
+
+
 def test_finetune_inherits_weights(base_run):
   _, base = train.load_model(base_run)
   shape, net = train.initial_network(tiny_config("finetune", init_from=base_run), 10)
@@ -194,3 +208,22 @@ def test_measure_latency_and_cli(capsys):
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.strip().startswith("error: unknown preset 'no-such-shape'")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # a search compiles its supernet step: about a minute here
+def test_finetune_from_a_search_run(tmp_path):
+  from experiments.configs import search as search_configs
+  from tas_jax import search
+  c = search_configs.get_config("smoke")
+  c.model, c.batch_size, c.num_train_examples, c.eval_examples, c.epochs = "resnet8", 16, 64, 16, 1
+  search_dir = str(tmp_path / "search")
+  search.run(c, search_dir)
+  argmax = shapes.load(os.path.join(search_dir, "shape_argmax.json"))
+  shape, net = train.export_search(search_dir)
+  assert shape == argmax
+  target = shapes.search_space(shapes.preset("resnet8")).shape_from_indices(np.full(7, 3), np.zeros(3, np.int32))
+  shape, net = train.export_search(search_dir, target)
+  assert shape.widths == target.widths
+  workdir = str(tmp_path / "ft")
+  result = train.run(tiny_config("finetune", init_from=search_dir, shape=_save(target, tmp_path)), workdir)
+  assert result["finished"] and result["shape"]["widths"] == list(target.widths)

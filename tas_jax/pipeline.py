@@ -1,0 +1,335 @@
+"""The whole TAS recipe as one resumable program: base training, search, distillation, baselines, report.
+
+A pipeline directory holds one run directory per stage, each written by its
+own engine, and a ``pipeline.json`` of its own:
+
+* ``base/``: :func:`tas_jax.train.run` in mode ``base``, the unpruned teacher (step 1);
+* ``search/``: :func:`tas_jax.search.run`, TAS's search of widths and depths (step 2);
+* ``kd/``: :func:`tas_jax.train.run` in mode ``kd``, the searched
+  ``search/shape.json`` trained from scratch and distilled from ``base/`` (step 3);
+* ``protocol/`` (with ``config.protocol``): the Rethinking baselines of
+  :mod:`tas_jax.protocol` around the searched shape;
+* ``pipeline.json``: each stage's status, wall time summed over invocations,
+  and the commands that reproduce it; ``report.md`` and ``figures/`` at the end
+  (:mod:`tas_jax.report`).
+
+A stage whose results are complete is not run again; one that was interrupted
+is rerun on its directory, where its engine resumes from its checkpoint. A
+complete stage whose configuration no longer matches (another number of
+epochs, say) is refused rather than silently reused, since every later stage
+builds on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import ml_collections
+
+from tas_jax import engine
+from tas_jax import parallel
+
+log = logging.getLogger("tas_jax")
+
+STAGES = ("base", "search", "kd", "protocol")
+STATE_FILE = "pipeline.json"
+# Keys of the pipeline config copied into every stage config that has them.
+SHARED_KEYS = ("dataset", "data_dir", "download", "num_train_examples", "model", "seed", "target_flops_ratio")
+# Where each stage's configuration lives in the pipeline config.
+CONFIG_KEYS = {"base": "base", "search": "search", "kd": "kd", "protocol": "baselines"}
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.normpath(workdir), stage)
+
+
+def enabled_stages(config) -> tuple[str, ...]:
+  """The stages a pipeline config (or the ``config`` recorded in ``pipeline.json``) runs, in order."""
+  return STAGES if (config or {}).get("protocol", False) else STAGES[:3]
+
+
+def _copy(config) -> ml_collections.ConfigDict:
+  # A fresh, unlocked copy: the flags hand over a locked config, and the wiring adds keys.
+  return ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def stage_config(config, workdir: str, stage: str) -> ml_collections.ConfigDict:
+  """The configuration ``stage`` runs with: its nested config, the shared keys, and its inputs' paths."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+  if stage == "protocol":
+    return protocol_config(config, workdir)
+  c = _copy(config.get(CONFIG_KEYS[stage]) or {})
+  for key in SHARED_KEYS:
+    if key in c and key in config:
+      c[key] = config[key]
+  if stage == "base":
+    c.mode = "base"
+  elif stage == "kd":
+    c.mode = "kd"
+    c.shape = os.path.join(stage_dir(workdir, "search"), "shape.json")
+    c.teacher = stage_dir(workdir, "base")
+  return c
+
+
+def _override_text(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ", ".join(str(v) for v in value) + ")"
+  return str(value)
+
+
+def protocol_config(config, workdir: str) -> ml_collections.ConfigDict:
+  """The arguments of :func:`tas_jax.protocol.run` for the baselines of the searched shape.
+
+  With ``baselines.recipe`` empty the baselines train like the kd stage:
+  its recipe, and every training key in which the kd stage departs from that
+  recipe's defaults (epochs, batch size, data, ...) becomes an override; with
+  another recipe only the shared data keys do. ``baselines.overrides`` come
+  last. Seeds are the protocol's own (0 .. seeds-1).
+  """
+  from experiments.configs import train as train_configs  # pylint: disable=g-import-not-at-top
+  from tas_jax import protocol  # pylint: disable=g-import-not-at-top
+  b = config.get("baselines") or {}
+  kd = stage_config(config, workdir, "kd")
+  recipe = b.get("recipe") or kd.recipe
+  defaults = train_configs.get_config(f"{kd.model},{recipe}")
+  keys = sorted(kd.keys()) if recipe == kd.recipe else [k for k in SHARED_KEYS if k in kd]
+  skip = set(protocol.PROTECTED) | {"model", "kd_alpha", "kd_temperature"}
+  overrides = [f"{k}={_override_text(kd[k])}" for k in keys
+               if k not in skip and k in defaults and kd[k] != defaults[k]]
+  variants = tuple(b.get("variants") or ())
+  base = stage_dir(workdir, "base")
+  c = ml_collections.ConfigDict()
+  c.shape = kd.shape
+  c.teacher = base
+  c.inherit = base if "finetune" in variants else ""
+  c.seeds = int(b.get("seeds", 1))
+  c.recipe = recipe
+  c.variants = variants
+  c.overrides = tuple(overrides) + tuple(b.get("overrides") or ())
+  c.latency_batch_sizes = tuple(int(v) for v in (b.get("latency_batch_sizes") or ()))
+  c.latency_runs = int(b.get("latency_runs", 10))
+  c.label = "searched"
+  return c
+
+
+def effective_config(config, workdir: str) -> dict:
+  """The pipeline config as run: its own keys, and every stage's config after :func:`stage_config`."""
+  out = {k: v for k, v in engine.config_dict(config).items() if k not in CONFIG_KEYS.values()}
+  for stage in enabled_stages(config):
+    out[CONFIG_KEYS[stage]] = engine.config_dict(stage_config(config, workdir, stage))
+  return out
+
+
+# ----------------------------------------------------------------------------- completion
+
+def read_json(path: str) -> dict | None:
+  """A JSON object file, or None when it is missing, cut short or not an object."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return obj if isinstance(obj, dict) else None
+
+
+def is_complete(workdir: str, stage: str, config=None) -> bool:
+  """Whether ``stage``'s results in ``workdir`` are all there (so the stage need not run).
+
+  For the protocol, ``config`` (its :func:`stage_config`) names the variants
+  and seeds wanted; without it every variant recorded must have all its seeds.
+  """
+  d = stage_dir(workdir, stage)
+  if stage == "protocol":
+    return _protocol_complete(d, config)
+  result = read_json(os.path.join(d, "result.json"))
+  if not result or not result.get("finished"):
+    return False
+  if stage == "search":
+    return os.path.isfile(os.path.join(d, "shape.json"))
+  if stage == "base":  # the KD teacher and the fine-tuning source
+    return os.path.isfile(os.path.join(d, "model", "shape.json"))
+  return "test_top1" in result
+
+
+def _protocol_complete(directory: str, config=None) -> bool:
+  summary = read_json(os.path.join(directory, "protocol.json"))
+  if not summary or not isinstance(summary.get("variants"), dict):
+    return False
+  variants = summary["variants"]
+  wanted = list(config.variants) if config is not None else list(variants)
+  seeds = int(config.seeds) if config is not None else None
+  for v in wanted:
+    entry = variants.get(v) or {}
+    if int(entry.get("n", 0)) < (seeds if seeds is not None else int(entry.get("planned", 1))):
+      return False
+  return bool(wanted)
+
+
+def _fingerprint_keys(stage: str) -> tuple[str, ...]:
+  if stage == "search":
+    from tas_jax import search  # pylint: disable=g-import-not-at-top
+    return search.FINGERPRINT_KEYS
+  from tas_jax import train  # pylint: disable=g-import-not-at-top
+  return train.FINGERPRINT_KEYS
+
+
+def config_changes(workdir: str, stage: str, config) -> dict[str, tuple[Any, Any]]:
+  """Trajectory-changing keys whose recorded value differs from ``config``'s.
+
+  The engines' stages record their configuration in ``config.json``; the
+  protocol its recipe in ``protocol.json`` (its runs' own ``config.json``
+  guard the rest, and more variants or seeds simply extend it). Returns
+  ``{key: (recorded, now)}``; empty when nothing differs or nothing was recorded.
+  """
+  d = stage_dir(workdir, stage)
+  if stage == "protocol":
+    summary = read_json(os.path.join(d, "protocol.json")) or {}
+    if "recipe" in summary and summary["recipe"] != config.recipe:
+      return {"recipe": (summary["recipe"], config.recipe)}
+    return {}
+  recorded = read_json(os.path.join(d, "config.json"))
+  if recorded is None:
+    return {}
+  now = engine.config_dict(config)
+  return {k: (recorded.get(k), now.get(k)) for k in _fingerprint_keys(stage)
+          if k in now and recorded.get(k) != now.get(k)}
+
+
+# ----------------------------------------------------------------------------- runners
+
+def run_protocol(config, workdir: str, distributed=None) -> dict:
+  """The protocol stage: :func:`tas_jax.protocol.run` with the arguments of :func:`protocol_config`."""
+  from tas_jax import protocol  # pylint: disable=g-import-not-at-top
+  try:
+    return protocol.run(config.shape, config.teacher, int(config.seeds), workdir, recipe=config.recipe,
+                        inherit=config.inherit or None, overrides=list(config.overrides),
+                        variants=list(config.variants), label=config.label,
+                        latency_batch_sizes=list(config.latency_batch_sizes), latency_runs=int(config.latency_runs))
+  except protocol.ProtocolError as e:
+    raise engine.RunError(str(e)) from None
+
+
+def _runner(stage: str) -> Callable[..., dict]:
+  if stage == "search":
+    from tas_jax import search  # pylint: disable=g-import-not-at-top
+    return search.run
+  if stage == "protocol":
+    return run_protocol
+  from tas_jax import train  # pylint: disable=g-import-not-at-top
+  return train.run
+
+
+def _finished(stage: str, result: Mapping[str, Any] | None) -> bool:
+  """Whether a runner's return value says the stage ran to its end (rather than stopping to resume later)."""
+  if not isinstance(result, Mapping):
+    return True
+  return bool(result.get("finished", True))
+
+
+# ----------------------------------------------------------------------------- state file
+
+def read_state(workdir: str) -> dict:
+  """``pipeline.json``: ``{"preset", "stages": {name: {"status", "wall_s", "invocations", ...}}, ...}``."""
+  state = read_json(os.path.join(os.path.normpath(workdir), STATE_FILE)) or {}
+  state.setdefault("stages", {})
+  return state
+
+
+class _State:
+  """``pipeline.json``, kept current as stages start and end (main process only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.path = os.path.join(workdir, STATE_FILE)
+    self.enabled = enabled
+    self.data = read_state(workdir)
+
+  def stage(self, name: str) -> dict:
+    return self.data["stages"].setdefault(name, {"status": "pending", "wall_s": 0.0, "invocations": 0})
+
+  def save(self) -> None:
+    if self.enabled:
+      self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+      engine.write_json(self.path, self.data)
+
+
+def run(config, workdir: str, distributed: Mapping[str, Any] | None = None, *, command: str = "",
+        stage_commands: Mapping[str, str] | None = None, report: bool | None = None,
+        on_stage: Callable[[str, str], None] | None = None) -> dict:
+  """Run the pipeline's stages that are not complete yet, then write the report.
+
+  Args:
+    config: a pipeline config (experiments/configs/pipeline.py).
+    workdir: the pipeline directory; rerunning on it resumes.
+    distributed: multi-process settings, as for the engines.
+    command: the command line that runs this pipeline, for the report.
+    stage_commands: per stage, a command that reruns the stage by itself.
+    report: write the report at the end (default: ``config.report``).
+    on_stage: called with ``(stage, "skipped" | "started" | "done" | "stopped")``.
+
+  Returns:
+    ``{"finished", "stages": {name: status}, "report": path or None, "results": {name: result}}``;
+    ``finished`` is False when a stage stopped early (``stop_after_steps``) and
+    the pipeline must be rerun to go on.
+
+  Raises:
+    RunError: a complete stage recorded under another configuration.
+  """
+  workdir = os.path.normpath(workdir)
+  parallel.initialize_distributed(**{k: v for k, v in (distributed or {}).items() if v is not None})
+  is_main = parallel.is_main_process()
+  os.makedirs(workdir, exist_ok=True)
+  state = _State(workdir, is_main)
+  state.data.update(preset=config.get("preset", ""), model=config.get("model", ""), dataset=config.get("dataset", ""),
+                    target_flops_ratio=config.get("target_flops_ratio"), command=command or state.data.get("command", ""),
+                    config=effective_config(config, workdir), finished=False)
+  if stage_commands:
+    state.data["stage_commands"] = dict(stage_commands)
+  notify = on_stage or (lambda stage, status: None)
+  statuses, results = {}, {}
+  stages = enabled_stages(config)
+  for name in stages:
+    c = stage_config(config, workdir, name)
+    d = stage_dir(workdir, name)
+    rec = state.stage(name)
+    if is_complete(workdir, name, c):
+      changed = config_changes(workdir, name, c)
+      if changed:
+        what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise engine.RunError(f"stage {name} in {d} finished under another configuration ({what}); "
+                              "rerun with the configuration that wrote it, or use another --workdir")
+      rec["status"] = "done"
+      statuses[name] = "skipped"
+      notify(name, "skipped")
+      continue
+    rec["status"] = "running"
+    rec["invocations"] = int(rec.get("invocations", 0)) + 1
+    state.save()
+    notify(name, "started")
+    t0 = time.time()
+    finished = False
+    try:
+      result = _runner(name)(c, d, distributed)
+      results[name] = result
+      finished = _finished(name, result) and is_complete(workdir, name, c)
+    finally:
+      rec["wall_s"] = float(rec.get("wall_s", 0.0)) + time.time() - t0
+      rec["status"] = "done" if finished else "stopped"
+      state.save()
+    statuses[name] = "done" if finished else "stopped"
+    notify(name, statuses[name])
+    if not finished:
+      state.data["finished"] = False
+      state.save()
+      return {"finished": False, "stages": statuses, "report": None, "results": results}
+  state.data["finished"] = True
+  state.save()
+  path = None
+  if (config.get("report", True) if report is None else report) and is_main:
+    from tas_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+    path = report_lib.write_report(workdir)
+  return {"finished": True, "stages": statuses, "report": path, "results": results}

@@ -1,0 +1,292 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from experiments import prune as prune_cli
+from experiments.configs import train as train_configs
+from tas_jax import baselines, cost, resnet, shapes, train
+
+TARGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def ratio(shape):
+  return cost.count(shape).macs / cost.count(shapes.full_shape(shape)).macs
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_uniform_lands_in_band_with_one_width_ratio(name):
+  base = shapes.preset(name)
+  for target in TARGETS:
+    shape = baselines.uniform(base, target)
+    assert abs(ratio(shape) - target) <= 0.02, (target, ratio(shape))
+    assert shape.blocks == base.layers
+    # one ratio r for every conv: each width is floor(r * nominal), so all lie in one window of width 1/16
+    w = np.array(shape.widths) / np.array(shape.nominal)
+    assert w.max() - w.min() < 1 / 16 and len({(n, x) for n, x in zip(shape.nominal, shape.widths)}) == 3
+  shallow = baselines.uniform(base, 0.3, depth_ratio=0.6)
+  assert abs(ratio(shallow) - 0.3) <= 0.02 and shallow.blocks == baselines.stage_blocks(base, 0.6)
+  assert sum(shallow.blocks) < sum(base.layers)
+  tight = baselines.uniform(base, 0.15, tolerance=0.005, blocks=(1, 2, 3))
+  assert abs(ratio(tight) - 0.15) <= 0.005 and tight.blocks == (1, 2, 3)
+
+
+def test_uniform_refuses_unreachable_targets():
+  base = shapes.preset("resnet56")
+  with pytest.raises(baselines.PruneError, match=r"out of reach .* reachable ratios lie in \[0\.0\d+, 0\.32"):
+    baselines.uniform(base, 0.9, blocks=(3, 3, 3))
+  with pytest.raises(baselines.PruneError, match=r"must lie in \(0, 1\)"):
+    baselines.uniform(base, 1.0)
+  with pytest.raises(baselines.PruneError, match="nearest reachable ratios"):
+    baselines.uniform(shapes.preset("resnet8"), 0.5, tolerance=0.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_random_shapes_lie_in_the_space_and_the_band(name):
+  base = shapes.preset(name)
+  space = shapes.search_space(base)
+  for target in (0.1, 0.3, 0.5):
+    shape = baselines.random_shape(base, target, seed=3)
+    assert abs(ratio(shape) - target) <= 0.02
+    space.indices_of(shape)  # raises unless every width and depth is a candidate
+  a, b = (baselines.random_shape(base, 0.3, seed=s) for s in (1, 2))
+  assert a == baselines.random_shape(base, 0.3, seed=1) and a != b
+  if name == "resnet20":  # the walk counts one shape per step in Python: keep it to the small network
+    walked = baselines.random_shape(base, 0.8, seed=0, sampler="walk", walk_steps=50)
+    assert abs(ratio(walked) - 0.8) <= 0.02
+    space.indices_of(walked)
+  assert baselines.random_shape(base, 0.3, seed=0, search_depth=False).blocks == base.layers
+
+
+def test_random_gives_up_clearly():
+  with pytest.raises(baselines.PruneError, match=r"no shape within 0.02 of MAC ratio 0.9 in 1000 uniform draws"):
+    baselines.random_shape(shapes.preset("resnet20"), 0.9, max_tries=1000)
+  with pytest.raises(baselines.PruneError, match=r"out of reach for the search space: reachable ratios lie in"):
+    baselines.random_shape(shapes.preset("resnet20"), 0.01, tolerance=0.005)
+
+
+# ----------------------------------------------------------------------------- kept weights
+
+def randomized(shape, seed=0):
+  """A network with random batch-norm statistics and scales, so that every channel matters."""
+  net = resnet.build(shape, seed)
+  rng = np.random.default_rng(seed)
+  for conv in [net.stem] + [c for b in net.blocks for c in list(b.convs) + ([b.shortcut] if b.shortcut else [])]:
+    if conv.bn is not None:
+      n = conv.bn.scale[...].shape[0]
+      conv.bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+      conv.bn.bias[...] = jnp.asarray(rng.normal(0, 0.2, n), jnp.float32)
+      conv.bn.mean[...] = jnp.asarray(rng.normal(0, 0.2, n), jnp.float32)
+      conv.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+  net.head.bias[...] = jnp.asarray(rng.normal(0, 1, shape.num_classes), jnp.float32)
+  net.eval()
+  return net
+
+
+def masked(net, kept):
+  """``net`` with every dropped channel silenced: zero batch-norm scale and offset, zero shortcut columns.
+
+  Silenced channels are exact zeros everywhere, so the masked network computes
+  what the network with those channels removed computes.
+  """
+  out = resnet.build(net.shape)
+  nnx.update(out, nnx.state(net))
+  out.eval()
+  convs = baselines.conv_modules(out)
+  specs = [b for b in net.shape.layout.blocks if b.index < net.shape.blocks[b.stage]]
+  silence = lambda conv, drop: (conv.bn.scale[...].at[drop].set(0), conv.bn.bias[...].at[drop].set(0))
+  for e, conv in convs.items():
+    drop = np.setdiff1d(np.arange(net.shape.widths[e]), kept[e])
+    conv.bn.scale[...], conv.bn.bias[...] = silence(conv, drop)
+  for spec, block in zip(specs, out.blocks):
+    if block.shortcut is not None:
+      drop = np.setdiff1d(np.arange(net.shape.widths[spec.convs[-1]]), kept[spec.convs[-1]])
+      block.shortcut.conv.kernel[...] = block.shortcut.conv.kernel[...].at[..., drop].set(0)
+      if block.shortcut.bn is not None:
+        block.shortcut.bn.scale[...], block.shortcut.bn.bias[...] = silence(block.shortcut, drop)
+  return out
+
+
+def images(n=4, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, 32, 32, 3))
+
+
+def logits(net, x):
+  """Eval-mode logits through one jitted forward (eager execution compiles every op of a new shape)."""
+  graphdef, state = nnx.split(net)
+  return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+
+
+def check_gathered(source, pruned_net, kept):
+  """Every kernel, batch norm and classifier row of the pruned net is the source's at the kept indices."""
+  src, dst = baselines.conv_modules(source), baselines.conv_modules(pruned_net)
+  specs = [b for b in source.shape.layout.blocks if b.index < source.shape.blocks[b.stage]]
+  feeds = {0: np.arange(source.shape.in_channels)}
+  prev = kept[0]
+  for spec in specs:
+    for e in spec.convs:
+      feeds[e], prev = prev, kept[e]
+  for e, conv in dst.items():
+    k = np.asarray(src[e].conv.kernel[...])[:, :, feeds[e]][:, :, :, kept[e]]
+    np.testing.assert_array_equal(np.asarray(conv.conv.kernel[...]), k)
+    for name in ("scale", "bias", "mean", "var"):
+      np.testing.assert_array_equal(np.asarray(getattr(conv.bn, name)[...]),
+                                    np.asarray(getattr(src[e].bn, name)[...])[kept[e]])
+  np.testing.assert_array_equal(np.asarray(pruned_net.head.kernel[...]), np.asarray(source.head.kernel[...])[prev])
+
+
+@pytest.mark.parametrize("residual", ["keep", "group"])
+def test_gather_is_the_source_restricted_to_the_kept_channels(residual):
+  net = randomized(shapes.preset("resnet8"))
+  rng = np.random.default_rng(1)
+  kept = [np.arange(w) for w in net.shape.widths]
+  for unit in baselines.units(net, residual):
+    w = net.shape.widths[unit[0]]
+    chosen = np.sort(rng.choice(w, size=max(1, w // 2 - 1), replace=False))
+    for e in unit:
+      kept[e] = chosen
+  pruned = baselines.gather(net, kept)
+  assert pruned.shape.widths == tuple(len(k) for k in kept)
+  check_gathered(net, pruned, kept)
+  np.testing.assert_allclose(logits(pruned, images()), logits(masked(net, kept), images()), rtol=1e-4, atol=1e-4)
+  whole = baselines.gather(net, [np.arange(w) for w in net.shape.widths])
+  np.testing.assert_array_equal(logits(whole, images()), logits(net, images()))
+
+
+def test_units_follow_the_residual_policy():
+  net = resnet.build(shapes.preset("resnet14"))  # 2 blocks per stage: entries 0, (1, 2), (3, 4), ...
+  assert baselines.units(net, "keep") == [(1,), (3,), (5,), (7,), (9,), (11,)]
+  assert baselines.units(net, "group")[6:] == [(0, 2, 4), (6, 8), (10, 12)]
+  with pytest.raises(baselines.PruneError, match="residual"):
+    baselines.units(net, "split")
+
+
+def test_bn_l1_penalty_and_subgradient():
+  net = resnet.build(shapes.preset("resnet8"))
+  params = nnx.state(net, nnx.Param)
+  mask = baselines.bn_scale_mask(params)
+  flat = jax.tree.leaves(mask)
+  assert sum(flat) == 1 + 3 * 2 + 0  # the stem, two convs per block; the CIFAR stride-2 shortcuts have no BN
+  scales = [x for x, m in zip(jax.tree.leaves(params), flat) if m]
+  assert float(baselines.bn_l1_penalty(params, 0.5)) == pytest.approx(0.5 * sum(float(jnp.abs(s).sum())
+                                                                              for s in scales))
+  tx = baselines.bn_l1_subgradient(1e-2)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  grad = jax.grad(lambda p: baselines.bn_l1_penalty(p, 1e-2))(params)
+  for u, g, m, p in zip(jax.tree.leaves(updates), jax.tree.leaves(grad), flat, jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(g), rtol=1e-6)
+    if m:
+      np.testing.assert_allclose(np.asarray(u), 1e-2 * np.sign(np.asarray(p)))
+    else:
+      assert not np.asarray(u).any()
+
+
+# ----------------------------------------------------------------------------- pruning a trained network
+
+def tiny_config(**overrides):
+  c = train_configs.get_config("resnet8,smoke")
+  c.batch_size, c.eval_batch_size, c.num_train_examples, c.epochs = 16, 200, 32, 1
+  c.log_every_steps, c.num_devices, c.bn_l1 = 2, 1, 1e-3
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sparsity"))
+  result = baselines.sparsity_train(tiny_config(), workdir)
+  assert result["finished"]
+  return workdir
+
+
+def test_sparsity_training_writes_a_run(sparse_run):
+  result = json.load(open(os.path.join(sparse_run, "result.json")))
+  assert result["mode"] == "sparsity" and result["bn_l1"] == 1e-3 and result["epochs"] == 1
+  assert result["macs"] == cost.count(shapes.preset("resnet8")).macs and 0 <= result["test_top1"] <= 1
+  assert result["mean_abs_gamma"] < 1.0  # the penalty and the steps pulled scales below their initial 1
+  shape, _ = train.load_model(sparse_run)
+  assert shape == shapes.preset("resnet8")
+
+
+@pytest.mark.parametrize("scope,residual", [("layer", "keep"), ("global", "keep"), ("layer", "group"),
+                                            ("global", "group")])
+def test_l1_prune_lands_in_band_and_keeps_the_largest_filters(sparse_run, scope, residual):
+  _, base = train.load_model(sparse_run)
+  p = baselines.l1_prune(sparse_run, 0.5, scope=scope, residual=residual)
+  assert abs(p.ratio - 0.5) <= 0.02 and p.ratio == pytest.approx(ratio(p.shape))
+  assert p.shape.blocks == base.shape.blocks and p.source == sparse_run
+  check_gathered(base, p.model, p.kept)
+  norms = baselines.l1_norms(base)
+  for unit in baselines.units(base, residual):
+    kept, e = p.kept[unit[0]], unit[0]
+    assert all(np.array_equal(p.kept[m], kept) for m in unit)
+    if scope == "layer" and len(unit) == 1:
+      dropped = np.setdiff1d(np.arange(len(norms[e])), kept)
+      assert not len(dropped) or norms[e][kept].min() >= norms[e][dropped].max()
+  if residual == "keep":
+    assert p.shape.widths[0] == 16 and p.shape.out_width == 64  # the residual stream keeps its width
+
+
+def test_slimming_prune_uses_one_threshold_on_gamma(sparse_run):
+  _, base = train.load_model(sparse_run)
+  p = baselines.slimming_prune(sparse_run, 0.4)
+  assert abs(p.ratio - 0.4) <= 0.02 and p.scope == "global"
+  check_gathered(base, p.model, p.kept)
+  gammas = baselines.bn_scales(base)
+  kept_min, dropped_max = np.inf, -np.inf
+  for (e,) in baselines.units(base, "keep"):
+    dropped = np.setdiff1d(np.arange(len(gammas[e])), p.kept[e])
+    if len(p.kept[e]) > 1:  # a conv's last channel survives whatever its scale
+      kept_min = min(kept_min, gammas[e][p.kept[e]].min())
+    if len(dropped):
+      dropped_max = max(dropped_max, gammas[e][dropped].max())
+  assert kept_min >= p.level > dropped_max
+
+
+def test_prune_cli_writes_shape_and_weights(tmp_path, sparse_run, capsys):
+  out = str(tmp_path / "r56-uniform.json")
+  assert prune_cli.main(["--method", "uniform", "--base", "resnet56", "--target_flops_ratio", "0.5", "--out", out]) == 0
+  assert "ratio 0.50" in capsys.readouterr().out
+  shape = shapes.load(out)
+  assert abs(ratio(shape) - 0.5) <= 0.02 and baselines.pruning_info(out)["method"] == "uniform"
+  out = str(tmp_path / "r8-l1.json")
+  assert prune_cli.main(["--method", "l1", "--base", sparse_run, "--target_flops_ratio", "0.6", "--out", out,
+                         "--scope", "global"]) == 0
+  info = baselines.pruning_info(out)
+  assert info["method"] == "l1" and info["scope"] == "global" and abs(info["ratio"] - 0.6) <= 0.02
+  loaded_shape, loaded = train.load_model(baselines.weights_dir(out))
+  expected = baselines.l1_prune(sparse_run, 0.6, scope="global")
+  assert loaded_shape == shapes.load(out) == expected.shape
+  np.testing.assert_array_equal(logits(loaded, images()), logits(expected.model, images()))
+  kept = json.load(open(os.path.join(baselines.weights_dir(out), "kept.json")))["kept"]
+  assert [len(k) for k in kept] == list(expected.shape.widths)
+  capsys.readouterr()
+  for argv, message in [
+      (["--method", "magnitude", "--base", "resnet56", "--target_flops_ratio", "0.5"], "unknown method 'magnitude'"),
+      (["--method", "uniform", "--base", "resnet56", "--target_flops_ratio", "0"], "must lie in (0, 1)"),
+      (["--method", "uniform", "--base", "resnet56", "--target_flops_ratio", "0.9", "--blocks", "3,3,3"],
+       "reachable ratios lie in"),
+      (["--method", "l1", "--base", str(tmp_path / "missing-run"), "--target_flops_ratio", "0.5"], "does not exist"),
+      (["--method", "slimming", "--base", "resnet8", "--target_flops_ratio", "0.5"], "--workdir"),
+      (["--method", "uniform", "--base", "resnet7", "--target_flops_ratio", "0.5"], "ResNet has depth")]:
+    assert prune_cli.main(argv + ["--out", str(tmp_path / "x.json")]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_prune_cli_process_error_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.prune", "--method", "uniform", "--base", "resnet20",
+                         "--target_flops_ratio", "1.5", "--out", str(tmp_path / "s.json")], cwd=ROOT,
+                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip() == "error: target_flops_ratio must lie in (0, 1), got 1.5"
