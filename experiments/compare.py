@@ -34,20 +34,23 @@ def plot(rows, path: str, title: str = "") -> None:
 
   labels = list(dict.fromkeys(r.label for r in rows))
   colours = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
-  variants = list(dict.fromkeys(r.variant for r in rows))
   span = max(r.macs for r in rows) - min(r.macs for r in rows) or max(r.macs for r in rows)
+  same = {}  # rows at equal MACs, in order
+  for i, r in enumerate(rows):
+    same.setdefault(r.macs, []).append(i)
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
   seen = set()
-  for r in rows:
+  for i, r in enumerate(rows):
     key = (r.label, r.variant)
     legend = r.label if r.variant == "base" else f"{r.label} / {protocol.TITLES.get(r.variant, r.variant)}"
     # The variants of one shape share its MACs: nudge them apart so that their points and bars stay visible.
-    x = (r.macs + 0.012 * span * (variants.index(r.variant) - (len(variants) - 1) / 2)) / 1e6
+    group = same[r.macs]
+    x = (r.macs + 0.012 * span * (group.index(i) - (len(group) - 1) / 2)) / 1e6
     ax.errorbar(x, 100 * r.top1_mean, yerr=100 * r.top1_std if r.n > 1 else None,
                 fmt=MARKERS.get(r.variant, "x"), color=colours[r.label], markersize=9 if r.variant == "base" else 7,
                 capsize=3, label=legend if key not in seen else None)
     seen.add(key)
-  ax.set_xlabel("MACs (millions; variants of one shape drawn slightly apart)")
+  ax.set_xlabel("MACs (millions; points of equal MACs drawn slightly apart)")
   ax.set_ylabel("test top-1 (%)")
   ax.set_title(title or "accuracy against MACs (final epoch; bars: std over seeds)")
   ax.grid(True, alpha=0.3)

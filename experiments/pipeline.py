@@ -17,6 +17,7 @@ Presets and keys: see experiments/configs/pipeline.py.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -78,12 +79,15 @@ def stage_command(stage: str, c, workdir: str) -> str:
     defaults = {}
   overrides = [f"--config.{k}={_flag_value(v)}" for k, v in sorted(c.to_dict().items())
                if k in defaults and defaults[k] != v and not isinstance(v, dict)]
-  return " ".join([f"python -m {module}", f"--config {config_file}:{arg}", *overrides, f"--workdir {shlex.quote(workdir)}"])
+  return " ".join([f"python -m {module}", f"--config {config_file}:{arg}", *overrides,
+                   f"--workdir {shlex.quote(workdir)}"])
 
 
 def main(config, workdir):
-  from tas_jax import pipeline, report  # pylint: disable=g-import-not-at-top
+  from tas_jax import engine, pipeline, report  # pylint: disable=g-import-not-at-top
   if _REPORT_ONLY.value:
+    if not os.path.isdir(workdir):
+      raise engine.RunError(f"{workdir} is not a pipeline directory (run the pipeline first)")
     print(f"report: {report.write_report(workdir)}")
     return
   command = "python -m experiments.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -5,8 +5,11 @@
   python -m experiments.protocol --shape runs/r56-l1.json --inherit runs/r56-l1.json --teacher runs/r56-base \\
       --seeds 5 --workdir runs/proto-r56-l1 --recipe rethinking
   # a quick check on synthetic data
-  python -m experiments.protocol --shape resnet8-half.json --teacher /tmp/r8-base --seeds 2 --workdir /tmp/proto \\
-      --recipe smoke --config.num_train_examples=64 --config.epochs=1
+  python -m experiments.train --config experiments/configs/train.py:resnet8,smoke --config.mode=base \\
+      --workdir runs/r8-base
+  python -m experiments.prune --method l1 --base runs/r8-base --target_flops_ratio 0.5 --out runs/r8-l1.json
+  python -m experiments.protocol --shape runs/r8-l1.json --inherit runs/r8-l1.json --teacher runs/r8-base \\
+      --seeds 2 --workdir runs/proto-r8-l1 --recipe smoke --latency_batch_sizes 1,32
 
 --shape: a preset, a shape JSON (e.g. from experiments.prune or a search run)
 or an official .config. --teacher: a finished base run (experiments.train

@@ -9,9 +9,9 @@
 --base is a shape (preset name, shape JSON, official .config) or a finished
 training run directory. uniform and random only count MACs (a run stands for
 its shape's family). l1 and slimming prune a trained network: a run directory,
-or, with --workdir, a preset trained there first (l1: an ordinary base run;
-slimming: sparsity training with an L1 penalty of --sparsity on batch-norm
-scales), resumably. --set KEY=VALUE overrides that training's configuration
+or, with --workdir, the unpruned network of --base's family trained there
+first (l1: an ordinary base run; slimming: sparsity training with an L1
+penalty of --sparsity on batch-norm scales), resumably. --set KEY=VALUE overrides that training's configuration
 (experiments/configs/train.py keys).
 
 Writes the shape JSON to --out, with a "pruning" record (method, target,
@@ -76,6 +76,7 @@ def _trained_base(args) -> str:
 
 
 def train_config(shape: shapes.Shape, recipe: str, overrides):
+  """The training config of --workdir: the recipe for ``shape``'s family, with ``bn_l1`` and the overrides."""
   from experiments.configs import train as train_configs
   try:
     config = train_configs.get_config(f"{protocol.family_preset(shape)},{recipe}")

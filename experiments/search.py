@@ -16,7 +16,18 @@ from tas_jax import search
 
 def main(config, workdir):
   result = search.run(config, workdir, common.distributed())
-  print(f"searched shape: {workdir}/shape.json  MACs {result['macs']:,}  ratio {result['flops_ratio']:.3f} "
+  if not result.get("finished"):
+    return
+  for r in result.get("targets", []):
+    print(f"target {r['target']:g}: {workdir}/{r['shape_file']}  MACs {r['macs']:,}  cost ratio {r['cost_ratio']:.3f} "
+          f"({'inside' if r['in_band'] else 'OUTSIDE'} [{r['band_ratio'][0]:.3f}, {r['band_ratio'][1]:.3f}])")
+  if "targets" in result:
+    print(f"{len(result['targets'])} targets in {result['wall_s']:.0f} s")
+    return
+  if "measured_latency_ms" in result:
+    print(f"latency: predicted {result['predicted_latency_ms']:.3f} ms, measured {result['measured_latency_ms']:.3f} ms "
+          f"({100 * result['latency_error']:+.1f}%)")
+  print(f"searched shape: {workdir}/shape.json  MACs {result['macs']:,}  ratio {result['cost_ratio']:.3f} "
         f"(target band [{result['band_ratio'][0]:.3f}, {result['band_ratio'][1]:.3f}], "
         f"{'inside' if result['in_band'] else 'OUTSIDE'})  {result['wall_s']:.0f} s")
 

@@ -175,8 +175,8 @@ def uniform(base: Shape, target_flops_ratio: float, tolerance: float = DEFAULT_T
 
   ``blocks`` (blocks kept per stage) or ``depth_ratio`` (see
   :func:`stage_blocks`) make it shallower; widths are then scaled to make up
-  the rest of the target. The width ratio returned is stored nowhere; it is
-  ``shape.widths[i] / shape.nominal[i]`` up to the floor.
+  the rest of the target. The width ratio found can be read back as
+  ``shape.widths[i] / shape.nominal[i]``, up to the floor.
   """
   check_target(target_flops_ratio, tolerance)
   if blocks is not None and depth_ratio is not None:
@@ -213,8 +213,9 @@ def random_shape(base: Shape, target_flops_ratio: float, tolerance: float = DEFA
                  walk_steps: int | None = None) -> Shape:
   """A shape of the TAS search space drawn uniformly among those within the band (see the module docstring).
 
-  ``sampler="rejection"`` draws candidate indices uniformly per conv and
-  stage, in batches, and returns the first draw inside the band; after
+  ``sampler="rejection"`` draws candidate indices uniformly and independently
+  per conv and stage (the widths of blocks a draw drops are drawn too, and
+  ignored), in batches, and returns the first draw inside the band; after
   ``max_tries`` draws it gives up. ``sampler="walk"`` climbs from a uniform
   draw into the band, then makes ``walk_steps`` (default 20 per conv and
   stage) proposals that each redraw one conv's width or one stage's depth and
@@ -243,8 +244,9 @@ def random_shape(base: Shape, target_flops_ratio: float, tolerance: float = DEFA
   tried, batch, seen = 0, 4096, []
   while tried < max_tries:
     n = min(batch, max_tries - tried)
-    wi, di = _draw(rng, wcount, n), _draw(rng, dcount, n)
-    pair = np.asarray(counter(wi, di)).astype(np.int64)
+    # Always a full batch, so the counter compiles once; only the first n draws count.
+    wi, di = _draw(rng, wcount, batch), _draw(rng, dcount, batch)
+    pair = np.asarray(counter(wi, di)).astype(np.int64)[:n]
     macs = pair[:, 0] * 65536 + pair[:, 1]
     hits = np.flatnonzero((macs >= lo_macs - 1e-6) & (macs <= hi_macs + 1e-6))
     seen.append(macs / full_macs)
@@ -270,7 +272,7 @@ def _walk(space: shapes.SearchSpace, target: float, tolerance: float, rng: np.ra
     return macs_ratio(space.shape_from_indices(x[:nw], x[nw:]))
 
   def gap(r):
-    return max(0.0, abs(r - target) - tolerance)
+    return max(0.0, abs(r - target) - tolerance - 1e-12)
 
   r = ratio(idx)
   tries = 0
@@ -634,6 +636,8 @@ def sparsity_train(config, workdir: str, distributed=None) -> dict:
   if config.mode not in ("base", "finetune"):
     raise engine.RunError(f"sparsity training starts from scratch (mode base) or from a run (finetune), "
                           f"got mode {config.mode!r}")
+  if int(config.get("val_examples", 0) or 0):
+    raise engine.RunError("sparsity training holds out no validation split; set val_examples=0")
   t_start = time.time()
   run_ = engine.start(config, workdir, distributed)
   dataset = engine.load_data(config)
@@ -656,6 +660,8 @@ def sparsity_train(config, workdir: str, distributed=None) -> dict:
   state = engine.replicate(run_, state)
   ckpt = engine.open_checkpoints(run_, engine.fingerprint(config, train.FINGERPRINT_KEYS + ("bn_l1",)))
   state, meta, start = engine.restore(run_, ckpt, state)
+  log.info("sparsity training of %s: bn_l1 %g, %d epochs of %d steps", config.get("shape") or config.model,
+           strength, plan.epochs, spe)
   step_fn, compile_s = train.compile_step(problem, run_.mesh, state, bs, dataset.image_size)
   test_eval = engine.Evaluator(run_, dataset, "test", np.arange(dataset.num_examples("test")), eval_bs,
                                train.logits_fn(problem))

@@ -20,9 +20,10 @@ What it adds to ``orbax.checkpoint.CheckpointManager``:
 * Corruption handling. A step whose files were truncated or deleted after
   the fact raises :class:`CorruptCheckpointError` naming the step and the
   previous one; :meth:`Checkpointer.restore_latest_valid` walks back to the
-  newest step that restores. A state that does not fit the checkpoint (a
-  changed model) raises :class:`IncompatibleCheckpointError` instead, which is
-  never skipped over.
+  newest step that restores, and :meth:`Checkpointer.quarantine` moves a
+  corrupt step out of the way (into ``<directory>-corrupt/``) without deleting
+  it. A state that does not fit the checkpoint (a changed model) raises
+  :class:`IncompatibleCheckpointError` instead, which is never skipped over.
 
 Multi-process runs: every process constructs the Checkpointer and calls
 ``save``/``restore`` with the same arguments at the same point (Orbax
@@ -39,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from tas_jax import parallel
 from tas_jax.metrics import to_json_value
@@ -208,6 +210,7 @@ class Checkpointer:
     self.fingerprint = None if fingerprint is None else to_json_value(dict(fingerprint))
     self.async_save = async_save
     self.skipped_steps: list[int] = []
+    self.skip_reasons: dict[int, str] = {}
     options = ocp.CheckpointManagerOptions(
         preservation_policy=(None if max_to_keep is None
                              else ocp.checkpoint_managers.LatestN(max_to_keep)),
@@ -336,8 +339,8 @@ class Checkpointer:
       raise self._restore_failure(step, target, error) from error
     return state, envelope.get("meta") or {}
 
-  def restore_latest_valid(self, abstract_state: Any, *,
-                           delete_invalid: bool = False) -> tuple[Any, dict[str, Any], int]:
+  def restore_latest_valid(self, abstract_state: Any, *, delete_invalid: bool = False,
+                           log_skips: bool = True) -> tuple[Any, dict[str, Any], int]:
     """Restores the newest step that is intact, skipping corrupt ones.
 
     Each skipped step is logged with the reason and listed in
@@ -348,6 +351,8 @@ class Checkpointer:
       abstract_state: as for :meth:`restore`.
       delete_invalid: delete the skipped steps, so that the resumed run can
         save its own checkpoints under those step numbers.
+      log_skips: log each skipped step; False for a caller that reports
+        :attr:`skipped_steps` and :attr:`skip_reasons` itself.
 
     Returns:
       ``(state, meta, step)``.
@@ -357,6 +362,7 @@ class Checkpointer:
         (:class:`CorruptCheckpointError`).
     """
     self.skipped_steps = []
+    self.skip_reasons = {}
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}", directory=self.directory)
@@ -365,21 +371,46 @@ class Checkpointer:
       try:
         state, meta = self.restore(abstract_state, step)
       except CorruptCheckpointError as e:
-        _log.warning("Skipping corrupt checkpoint step %d in %s: %s", step, self.directory, e.reason)
+        if log_skips:
+          _log.warning("Skipping corrupt checkpoint step %d in %s: %s", step, self.directory, e.reason)
         self.skipped_steps.append(step)
+        self.skip_reasons[step] = e.reason
         last_error = e
         continue
-      if self.skipped_steps:
+      if self.skipped_steps and log_skips:
         _log.warning("Restored step %d of %s instead of the newest, %d (skipped %s).", step,
                      self.directory, steps[-1], self.skipped_steps)
-        if delete_invalid:
-          for bad in self.skipped_steps:
-            self._manager.delete(bad)
+      if self.skipped_steps and delete_invalid:
+        for bad in self.skipped_steps:
+          self._manager.delete(bad)
       return state, meta, step
     raise CorruptCheckpointError(
         f"none of the checkpoints {steps} in {self.directory} restores; the newest failed with "
         f"{last_error.reason if last_error else '?'}", reason="all steps are corrupt",
         previous_step=None, directory=self.directory)
+
+  def quarantine(self, step: int) -> str:
+    """Moves checkpoint ``step`` out of the step list, keeping its files; returns where.
+
+    A corrupt step left in place stays the newest: every resume would skip
+    it again, and ``max_to_keep`` would count it and delete good older steps
+    in its favour. Moved into ``<directory>-corrupt/<step>`` (``<step>.1``,
+    ... if that exists), it can still be inspected or deleted by hand. All
+    processes call it; process 0 moves the files.
+    """
+    step = int(step)
+    parent = epath.Path(self.directory.rstrip("/") + "-corrupt")
+    dest = parent / str(step)
+    n = 0
+    while dest.exists():
+      n += 1
+      dest = parent / f"{step}.{n}"
+    if parallel.is_main_process():
+      parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(dest)
+    parallel.barrier(f"tas_jax.checkpoint.quarantine.{step}")
+    self._manager.reload()
+    return os.fspath(dest)
 
   # -- lifecycle -------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def _cost_terms(space: shapes_lib.SearchSpace, wdist, ddist, *, stage_input: str
   if tables is None:
     terms = [stem.kernel**2 * stem.out_hw**2 * base.in_channels * e_w[0]]
   else:
-    terms = [(wdist[0] * tables.stem).sum() + tables.offset]
+    terms = [(wdist[0] * tables.stem).sum()]
   in_e, in_dist = e_w[0], wdist[0]
   for s in range(len(base.layers)):
     choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
@@ -159,7 +159,7 @@ def table_cost(space: shapes_lib.SearchSpace, tables, width_dist, depth_dist):
   """
   terms = _cost_terms(space, width_dist.astype(jnp.float32), depth_dist.astype(jnp.float32),
                       stage_input="mixture", projection=True, bias=False, tables=tables)
-  return sum(terms)
+  return tables.scale * sum(terms) + tables.offset
 
 
 def expected_cost(space: shapes_lib.SearchSpace, width_probs, depth_probs, exact: bool = True):

@@ -6,6 +6,8 @@ writes. Rerunning the same command resumes from the newest valid checkpoint;
 a checkpoint of another configuration is refused. Position in the data is the
 global step, and every random draw of a step comes from ``fold_in(seed,
 step)``, so a resumed run repeats exactly what an uninterrupted one does.
+What the policies are (checkpoints, corrupt steps, signals, non-finite
+losses, exit codes) is written down in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,10 @@ from tas_jax import preemption
 
 log = logging.getLogger("tas_jax")
 
+# Exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint:
+# schedulers can requeue on it; errors exit with 2.
+PREEMPTED = 3
+
 
 class RunError(RuntimeError):
   """A run that cannot go on; the message says why and what to do."""
@@ -38,6 +45,22 @@ class RunError(RuntimeError):
 
 class Diverged(RunError):
   """A non-finite loss; the last good checkpoint is kept."""
+
+
+# The command line of this program, quoted, for the lines that say how to
+# resume; set by the command-line entry points.
+_command: str | None = None
+
+
+def set_command(argv: Sequence[str]) -> None:
+  """Records the command that started this program (e.g. ``sys.orig_argv``)."""
+  global _command
+  _command = shlex.join(argv) if argv else None
+
+
+def how_to_resume() -> str:
+  """How to resume this run: rerun the same command, quoted when it is known."""
+  return f"Rerun the same command to resume: {_command}" if _command else "Rerun the same command to resume."
 
 
 @dataclasses.dataclass
@@ -49,6 +72,11 @@ class Run:
   mesh: jax.sharding.Mesh
   writer: metrics_lib.MetricWriter
   is_main: bool
+  config_text: str = ""  # config.json as it will be written, once the checkpoints accept this run
+  # What the Loop needs beyond the state to continue exactly (the running sums
+  # of a partly done epoch): restored with a checkpoint, saved with the next.
+  resumed_loop: dict | None = None
+  loop_carry: dict | None = None
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -66,7 +94,10 @@ def start(config, workdir: str, distributed: Mapping[str, Any] | None = None) ->
   where JAX detects them). ``config.num_devices`` (0 = all) limits the mesh.
 
   Writes ``config.json`` (the previous one is kept as ``config.prev.json`` if
-  the configuration changed in keys that do not affect a resume).
+  the configuration changed in keys that do not affect a resume). In a
+  directory that holds checkpoints it is written only once
+  :func:`open_checkpoints` has accepted this configuration, so a refused
+  command leaves the record of the run that wrote them as it was.
   """
   parallel.initialize_distributed(**{k: v for k, v in (distributed or {}).items() if v is not None})
   n = int(config.get("num_devices", 0) or 0)
@@ -77,19 +108,27 @@ def start(config, workdir: str, distributed: Mapping[str, Any] | None = None) ->
   mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
   is_main = parallel.is_main_process()
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    path = os.path.join(workdir, "config.json")
-    text = json.dumps(config_dict(config), indent=1, sort_keys=True)
-    if os.path.exists(path):
-      with open(path) as f:
-        old = f.read()
-      if old != text:
-        _atomic_write(os.path.join(workdir, "config.prev.json"), old)
-    _atomic_write(path, text)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   log.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(), jax.device_count(),
            jax.devices()[0].platform)
-  return Run(config, workdir, mesh, writer, is_main)
+  run = Run(config, workdir, mesh, writer, is_main, json.dumps(config_dict(config), indent=1, sort_keys=True))
+  if not os.path.isdir(run.path("checkpoints")):
+    record_config(run)
+  return run
+
+
+def record_config(run: Run) -> None:
+  """Writes ``config.json``, keeping a different previous one as ``config.prev.json``."""
+  if not run.is_main or not run.config_text:
+    return
+  path = run.path("config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == run.config_text:
+      return
+    _atomic_write(run.path("config.prev.json"), old)
+  _atomic_write(path, run.config_text)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -108,11 +147,23 @@ def fingerprint(config, keys) -> dict:
   return {k: d.get(k) for k in keys}
 
 
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
 def load_data(config) -> data_lib.Dataset:
-  """The dataset a config names (``dataset``, ``data_dir``, ``download``, ``num_train_examples``)."""
+  """The dataset a config names (``dataset``, ``data_dir``, ``download``, ``num_train_examples``).
+
+  ``on_bad_image`` (default ``"error"``) decides what an unreadable file of an
+  image tree does: ``"error"`` stops the run naming the file, ``"skip"``
+  leaves it out with a warning.
+  """
+  policy = config.get("on_bad_image", "error") or "error"
+  if policy not in BAD_IMAGE_POLICIES:
+    raise RunError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
   return data_lib.load(config.dataset, data_dir=config.get("data_dir") or None,
                        num_train_examples=config.get("num_train_examples") or None,
-                       download=bool(config.get("download", False)), seed=int(config.get("data_seed", 0)))
+                       download=bool(config.get("download", False)), seed=int(config.get("data_seed", 0)),
+                       on_bad_image=policy)
 
 
 def device_batch(run: Run, dataset: data_lib.Dataset, split: str, indices: np.ndarray, step: int = 0,
@@ -141,31 +192,104 @@ def check_batch_size(batch_size: int) -> None:
     raise RunError(str(e)) from None
 
 
+LOOP_META = "_loop"
+
+
+class _RunCheckpointer(checkpoint_lib.Checkpointer):
+  """A Checkpointer that saves the Loop's carry of the step with the caller's meta."""
+
+  def __init__(self, run: Run, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._run = run
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    carry = self._run.loop_carry
+    if carry is not None and carry.get("step") == int(step):
+      meta = {**(meta or {}), LOOP_META: carry}
+    return super().save(step, state, meta, force)
+
+
 def open_checkpoints(run: Run, fingerprint: Mapping[str, Any]) -> checkpoint_lib.Checkpointer:
+  """The run's Checkpointer; refuses checkpoints written under another fingerprint.
+
+  Only once they are accepted is ``config.json`` brought up to date.
+  """
   try:
-    return checkpoint_lib.Checkpointer(run.path("checkpoints"), max_to_keep=int(run.config.get("keep_checkpoints", 2)),
-                                       fingerprint=dict(fingerprint))
+    ckpt = _RunCheckpointer(run, run.path("checkpoints"), max_to_keep=int(run.config.get("keep_checkpoints", 2)),
+                            fingerprint=dict(fingerprint))
+  except checkpoint_lib.FingerprintMismatchError as e:
+    listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}" for k, (old, new) in e.differences.items())
+    raise RunError(f"the checkpoints in {e.directory} were written by a different configuration ({listed}); "
+                   "rerun with the configuration that wrote them, or use another --workdir") from None
   except checkpoint_lib.CheckpointError as e:
     raise RunError(f"{e} (use another --workdir, or rerun with the configuration that wrote it)") from None
+  record_config(run)
+  return ckpt
 
 
 def restore(run: Run, ckpt: checkpoint_lib.Checkpointer, state):
   """Resume from the newest valid checkpoint, or keep ``state`` if there is none.
 
-  Returns ``(state, meta, step)``; damaged newer checkpoints are reported and skipped.
+  Returns ``(state, meta, step)``. Corrupt newer checkpoints are skipped: the
+  run resumes from the previous valid one, says so in one warning line, and
+  moves the corrupt ones into ``checkpoints-corrupt/`` (kept, not deleted).
+  If none restores the run is refused. Metric records of steps after the
+  restored one (or all of them, starting afresh) are dropped: the run
+  repeats those steps and writes them again.
   """
   if ckpt.latest_step() is None:
+    run.writer.truncate_after(-1)
     return state, {}, 0
   try:
-    restored, meta, step = ckpt.restore_latest_valid(state)
+    restored, meta, step = ckpt.restore_latest_valid(state, log_skips=False)
+  except checkpoint_lib.CorruptCheckpointError as e:
+    raise RunError(f"{e}; nothing to resume from: move {ckpt.directory} away to start afresh") from None
   except checkpoint_lib.CheckpointError as e:
     raise RunError(str(e)) from None
-  if restored is None:
-    raise RunError(f"no checkpoint in {ckpt.directory} could be restored; move it away to start afresh")
-  for bad in getattr(ckpt, "skipped_steps", []):
-    log.warning("checkpoint %s is damaged and was skipped", bad)
+  skipped = sorted(ckpt.skipped_steps, reverse=True)
+  if skipped:
+    moved = [ckpt.quarantine(bad) for bad in skipped]
+    if run.is_main:
+      reasons = "; ".join(f"step {bad}: {ckpt.skip_reasons.get(bad, '?')}" for bad in skipped)
+      names = ", ".join(str(bad) for bad in skipped)
+      print(f"warning: checkpoint step {names} in {ckpt.directory} is corrupt ({reasons}); resuming from the "
+            f"previous valid checkpoint, step {step}; the corrupt files were moved to "
+            f"{os.path.dirname(moved[0])}", file=sys.stderr, flush=True)
   run.writer.truncate_after(step)
+  meta = dict(meta)
+  run.resumed_loop = meta.pop(LOOP_META, None)
   return restored, meta, step
+
+
+def logged(run: Run, step: int, key: str) -> bool:
+  """Whether ``metrics.jsonl`` holds a record of ``step`` with ``key``."""
+  return any(r.get("step") == step and key in r for r in metrics_lib.read_metrics(run.writer.path))
+
+
+def keep_records(run: Run, name: str, keep: Callable[[dict], bool]) -> int:
+  """Rewrites the JSON-lines file ``name`` of the run with the records ``keep`` accepts; returns how many went.
+
+  For a program's own logs (one record per epoch, say) when it resumes:
+  records of steps it is about to repeat would otherwise appear twice.
+  Unreadable lines (a write cut short by a kill) are dropped too. The
+  rewrite is atomic.
+  """
+  path = run.path(name)
+  if not run.is_main or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if keep(record):
+      kept.append(json.dumps(record) + "\n")
+  if len(kept) != len(lines):
+    _atomic_write(path, "".join(kept))
+  return len(lines) - len(kept)
 
 
 def replicate(run: Run, tree):
@@ -187,8 +311,10 @@ class Loop:
   step; ``on_epoch(state, epoch, epoch_metrics)`` at every epoch end (its
   returned dict is logged); ``save(state, step)`` persists a checkpoint.
   Metrics are pulled to the host only every ``log_every`` steps and at epoch
-  ends. A non-finite loss stops the run without saving, keeping the last good
-  checkpoint. SIGTERM/SIGINT save and exit with a line that says how to resume.
+  ends. A non-finite loss stops the run (:class:`Diverged`) without saving or
+  logging it, keeping the last good checkpoint. SIGTERM/SIGINT finish the
+  step, save and exit with code 3 and a line that says how to resume; the
+  stop request is polled every 10 steps and at epoch ends.
   """
 
   def __init__(self, run: Run, *, total_steps: int, steps_per_epoch: int, log_every: int, checkpoint_every: int,
@@ -198,20 +324,34 @@ class Loop:
     self.stop_after = stop_after
     self.log_every, self.checkpoint_every = max(1, log_every), max(0, checkpoint_every)
     self.save, self.on_epoch, self.describe = save, on_epoch, describe or (lambda step: {})
-    self.resume_hint = resume_hint
+    # The exact command beats a generic hint from the caller.
+    self.resume_hint = resume_hint if resume_hint and not _command else how_to_resume()
 
   def __call__(self, state, start_step: int, step_fn: Callable):
     run = self.run
     progress = metrics_lib.Progress(self.total, initial=start_step, desc=os.path.basename(run.workdir.rstrip("/")),
                                     enabled=run.is_main)
-    epoch_metrics: list = []
-    saved_at = start_step
+    # Epoch averages are running float32 sums on the device, added in step
+    # order; a checkpoint inside an epoch carries the sums so far, so a
+    # resumed run averages exactly what an uninterrupted one does.
+    epoch_sums, epoch_count, carried = None, 0, None
+    resumed = run.resumed_loop or {}
+    if resumed.get("step") == start_step and start_step % self.spe:
+      carried, epoch_count = dict(resumed.get("sums") or {}), int(resumed.get("count", 0))
+    # A resumed run starts at its checkpoint; a fresh one has none yet.
+    saved_at = start_step if start_step else None
+    finite_at = start_step  # the last step whose metrics were seen finite
     step = start_step
     end = min(self.total, start_step + self.stop_after) if self.stop_after else self.total
     with preemption.PreemptionGuard() as guard:
       while step < end:
         state, m = step_fn(state, step)
-        epoch_metrics.append(m)
+        if carried is not None:
+          epoch_sums = _resume_sums(carried, m)
+          epoch_count = epoch_count if epoch_sums is not None else 0
+          carried = None
+        epoch_sums = m if epoch_sums is None else _add(epoch_sums, m)
+        epoch_count += 1
         step += 1
         progress.update(1)
         end_of_epoch = step % self.spe == 0 or step == self.total
@@ -219,45 +359,75 @@ class Loop:
           values = host_scalars(m)
           if not finite(values):
             progress.close()
-            raise Diverged(f"non-finite loss at step {step} ({_fmt(values)}); the last good checkpoint "
-                           f"(step {saved_at}) is kept; lower the learning rate or check the data")
+            raise self._diverged(f"non-finite loss at step {step} ({_fmt(_non_finite_first(values))})",
+                                 finite_at, saved_at)
+          finite_at = step
           values.update(self.describe(step - 1))
           run.writer.write(step, values)
           progress.set_postfix({k: values[k] for k in list(values)[:3]})
         if end_of_epoch:
           epoch = (step - 1) // self.spe
-          averaged = host_scalars(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *epoch_metrics))
-          epoch_metrics = []
+          averaged = {k: v / epoch_count for k, v in host_scalars(epoch_sums).items()}
+          epoch_sums, epoch_count = None, 0
           if not finite(averaged):
             progress.close()
-            raise Diverged(f"non-finite loss in epoch {epoch} (step {step}); the last good checkpoint "
-                           f"(step {saved_at}) is kept")
+            raise self._diverged(f"non-finite loss in epoch {epoch}, which ended at step {step} "
+                                 f"({_fmt(_non_finite_first(averaged))})", finite_at, saved_at)
           extra = self.on_epoch(state, epoch, averaged) if self.on_epoch else {}
           run.writer.write(step, {f"epoch_{k}": v for k, v in averaged.items()}, epoch=epoch, **(extra or {}))
         stop = guard.should_stop() if (step % 10 == 0 or end_of_epoch) else False
         if (end_of_epoch or stop or step == end or
             (self.checkpoint_every and step % self.checkpoint_every == 0)):
-          if not finite(host_scalars(m)):  # never let a diverged state replace a good checkpoint
+          last = host_scalars(m)
+          if not finite(last):  # never let a diverged state replace a good checkpoint
             progress.close()
-            raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step {saved_at}) is kept")
+            raise self._diverged(f"non-finite loss at step {step} ({_fmt(_non_finite_first(last))})",
+                                 finite_at, saved_at)
+          run.loop_carry = ({"step": step, "count": epoch_count, "sums": host_scalars(epoch_sums)}
+                            if epoch_count else None)
           self.save(state, step)
           saved_at = step
         if stop:
           progress.close()
-          msg = guard.resume_message(step, run.workdir) if hasattr(guard, "resume_message") else ""
-          print(f"stopped by {guard.signal_name} at step {step}/{self.total}; checkpoint saved. "
-                f"{self.resume_hint or msg}", file=sys.stderr)
-          raise SystemExit(3)
+          if run.is_main:
+            print(f"stopped by {guard.signal_name} at step {step}/{self.total}; checkpoint of step {step} saved. "
+                  f"{self.resume_hint}", file=sys.stderr, flush=True)
+          raise SystemExit(PREEMPTED)
     progress.close()
     self.finished = end >= self.total
-    if end < self.total:
-      print(f"stopped after {self.stop_after} steps at step {end}/{self.total}; checkpoint saved. "
-            f"{self.resume_hint}", file=sys.stderr)
+    if end < self.total and run.is_main:
+      print(f"stopped after {self.stop_after} steps at step {end}/{self.total}; checkpoint of step {end} saved. "
+            f"{self.resume_hint}", file=sys.stderr, flush=True)
     return state
+
+  def _diverged(self, what: str, finite_at: int, saved_at: int | None) -> Diverged:
+    seen = f"the last finite check was at step {finite_at}" if finite_at else "no finite check before it"
+    kept = (f"the last good checkpoint, step {saved_at}, is kept" if saved_at is not None
+            else "no checkpoint was written (the run had not saved yet)")
+    return Diverged(f"{what}; {seen}; {kept}. Lower the learning rate or check the data, in another --workdir "
+                    "(the learning rate is part of the checkpoints' fingerprint)")
+
+
+@jax.jit
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _resume_sums(carried: Mapping[str, float], metrics):
+  """The epoch sums of a checkpoint as arrays of the metrics' dtypes (float32 values round-trip exactly)."""
+  if set(carried) != {k for k, v in metrics.items() if np.ndim(v) == 0}:
+    log.warning("the checkpoint's epoch sums do not match this run's metrics; this epoch's averages start afresh")
+    return None
+  return {k: jnp.asarray(carried[k], dtype=v.dtype) if k in carried else jnp.zeros_like(v) for k, v in metrics.items()}
 
 
 def _fmt(values: Mapping[str, float]) -> str:
   return ", ".join(f"{k}={v:.4g}" for k, v in list(values.items())[:6])
+
+
+def _non_finite_first(values: Mapping[str, float]) -> dict:
+  """The values with the non-finite ones first, so a shortened list still names them."""
+  return dict(sorted(values.items(), key=lambda kv: math.isfinite(kv[1])))
 
 
 def timed(fn, *args):

@@ -39,6 +39,8 @@ STAGES = ("base", "search", "kd", "protocol")
 STATE_FILE = "pipeline.json"
 # Keys of the pipeline config copied into every stage config that has them.
 SHARED_KEYS = ("dataset", "data_dir", "download", "num_train_examples", "model", "seed", "target_flops_ratio")
+# Keys every engine reads with a default: copied into every stage config when the pipeline config has them.
+ENGINE_KEYS = ("on_bad_image",)
 # Where each stage's configuration lives in the pipeline config.
 CONFIG_KEYS = {"base": "base", "search": "search", "kd": "kd", "protocol": "baselines"}
 
@@ -66,6 +68,9 @@ def stage_config(config, workdir: str, stage: str) -> ml_collections.ConfigDict:
   c = _copy(config.get(CONFIG_KEYS[stage]) or {})
   for key in SHARED_KEYS:
     if key in c and key in config:
+      c[key] = config[key]
+  for key in ENGINE_KEYS:
+    if key in config:
       c[key] = config[key]
   if stage == "base":
     c.mode = "base"
@@ -187,17 +192,34 @@ def config_changes(workdir: str, stage: str, config) -> dict[str, tuple[Any, Any
   ``{key: (recorded, now)}``; empty when nothing differs or nothing was recorded.
   """
   d = stage_dir(workdir, stage)
+  changes = {}
+  if stage in ("kd", "protocol"):
+    # Both train the searched shape: a search run again since then makes them stale.
+    searched = read_json(os.path.join(stage_dir(workdir, "search"), "shape.json"))
+    record = read_json(os.path.join(d, "result.json" if stage == "kd" else "protocol.json")) or {}
+    trained = record.get("shape")
+    if searched and trained and _shape_key(trained) != _shape_key(searched):
+      changes["searched shape"] = (_shape_text(trained), _shape_text(searched))
   if stage == "protocol":
     summary = read_json(os.path.join(d, "protocol.json")) or {}
     if "recipe" in summary and summary["recipe"] != config.recipe:
-      return {"recipe": (summary["recipe"], config.recipe)}
-    return {}
+      changes["recipe"] = (summary["recipe"], config.recipe)
+    return changes
   recorded = read_json(os.path.join(d, "config.json"))
   if recorded is None:
-    return {}
+    return changes
   now = engine.config_dict(config)
-  return {k: (recorded.get(k), now.get(k)) for k in _fingerprint_keys(stage)
-          if k in now and recorded.get(k) != now.get(k)}
+  changes.update({k: (recorded.get(k), now.get(k)) for k in _fingerprint_keys(stage)
+                  if k in now and recorded.get(k) != now.get(k)})
+  return changes
+
+
+def _shape_key(d: Mapping[str, Any]) -> tuple:
+  return tuple(d.get("widths") or ()), tuple(d.get("blocks") or ())
+
+
+def _shape_text(d: Mapping[str, Any]) -> str:
+  return f"widths {list(d.get('widths') or [])} blocks {list(d.get('blocks') or [])}"
 
 
 # ----------------------------------------------------------------------------- runners
@@ -284,9 +306,10 @@ def run(config, workdir: str, distributed: Mapping[str, Any] | None = None, *, c
   is_main = parallel.is_main_process()
   os.makedirs(workdir, exist_ok=True)
   state = _State(workdir, is_main)
-  state.data.update(preset=config.get("preset", ""), model=config.get("model", ""), dataset=config.get("dataset", ""),
-                    target_flops_ratio=config.get("target_flops_ratio"), command=command or state.data.get("command", ""),
-                    config=effective_config(config, workdir), finished=False)
+  state.data.update(preset=config.get("preset", ""), model=config.get("model", ""),
+                    dataset=config.get("dataset", ""), target_flops_ratio=config.get("target_flops_ratio"),
+                    command=command or state.data.get("command", ""), config=effective_config(config, workdir),
+                    finished=False)
   if stage_commands:
     state.data["stage_commands"] = dict(stage_commands)
   notify = on_stage or (lambda stage, status: None)

@@ -229,18 +229,17 @@ def aggregate(results: Sequence[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- the protocol
 
-def _store_shape(spec: str, workdir: str, label: str) -> tuple[shapes.Shape, str]:
+def _store_shape(spec: str, workdir: str, label: str) -> None:
+  """Keeps the shape in the protocol directory, so every run (and every rerun) names the same file."""
   shape = shapes.resolve(spec)
   path = os.path.join(workdir, SHAPE_FILE)
   if os.path.isfile(path):
-    stored = shapes.load(path)
-    if stored != shape:
+    if shapes.load(path) != shape:
       raise ProtocolError(f"{workdir} holds a protocol for another shape ({path}); use another --workdir")
-    return shape, path
+    return
   os.makedirs(workdir, exist_ok=True)
   info = baselines.pruning_info(spec) if os.path.isfile(spec) else {}
   baselines.save(shape, path, info or None, label=label)
-  return shape, path
 
 
 def _latency(shape: shapes.Shape, batch_sizes: Sequence[int], runs: int) -> dict:
@@ -258,14 +257,14 @@ def run(shape_spec: str, teacher: str, seeds: int, workdir: str, *, recipe: str 
         train_fn: Callable = train.run) -> dict:
   """Trains every variant with ``seeds`` seeds (resumably) and writes ``protocol.json`` and ``protocol.md``.
 
-  ``variants`` defaults to all of :data:`VARIANTS`, ``finetune`` only with
-  ``inherit``. ``overrides`` are ``KEY=VALUE`` training config items applied
+  ``variants`` (None or empty: the default) defaults to all of
+  :data:`VARIANTS`, ``finetune`` only with ``inherit``. ``overrides`` are ``KEY=VALUE`` training config items applied
   to every run. An empty ``latency_batch_sizes`` skips the latency
   measurement. Returns the summary written to ``protocol.json``.
   """
   if seeds < 1:
     raise ProtocolError(f"--seeds must be at least 1, got {seeds}")
-  if variants is None:
+  if not variants:
     variants = [v for v in VARIANTS if v != "finetune" or inherit]
   for v in variants:
     if v not in VARIANTS:
@@ -284,11 +283,12 @@ def run(shape_spec: str, teacher: str, seeds: int, workdir: str, *, recipe: str 
   except shapes.ShapeError as e:
     raise ProtocolError(str(e)) from None
   label = label or label_for(shape_spec, shape=shape)
-  shape, shape_path = _store_shape(shape_spec, workdir, label)
   family = family_preset(shape)
-  for v in variants:  # fail on a bad recipe or override before any training
+  shape_path = os.path.join(workdir, SHAPE_FILE)
+  for v in variants:  # fail on a bad recipe or override before writing anything
     variant_config(v, 0, shape_path=shape_path, recipe=recipe, family=family, teacher=teacher, init_from=init_from,
                    overrides=overrides)
+  _store_shape(shape_spec, workdir, label)
   for v in variants:
     for seed in range(seeds):
       run_dir = os.path.join(workdir, v, f"seed{seed}")
@@ -303,7 +303,11 @@ def run(shape_spec: str, teacher: str, seeds: int, workdir: str, *, recipe: str 
   teacher_lat = {}
   teacher_result = read_json(os.path.join(teacher, "result.json")) if teacher else {}
   if teacher_result and latency_batch_sizes:
-    teacher_lat = _latency(shapes.full_shape(shape), latency_batch_sizes, latency_runs)
+    try:
+      teacher_shape = shapes.from_dict(teacher_result["shape"], "the teacher's result.json")
+    except (KeyError, shapes.ShapeError):
+      teacher_shape = shapes.full_shape(shape)
+    teacher_lat = _latency(teacher_shape, latency_batch_sizes, latency_runs)
   summary = summarize(workdir, variants, seeds, label=label, shape_spec=shape_spec, recipe=recipe, teacher=teacher,
                       inherit=init_from, latency=lat, teacher_latency=teacher_lat)
   write_reports(workdir, summary)

@@ -172,7 +172,7 @@ def arch_prob_data(records: Sequence[Mapping[str, Any]], space: shapes_lib.Searc
     argmax_ratio.append((table[np.arange(len(table)), np.argmax(np.where(mask, w, -1.0), 1)] / nominal[:, 0]).tolist())
     depth.append([float(d[s, j]) for s, row in enumerate(space.depth_mask) for j, m in enumerate(row) if m])
   return {"epochs": epochs, "width_ratio": width_ratio, "argmax_ratio": argmax_ratio, "depth": depth,
-          "depth_labels": labels, "depth_stage": stage_of, "min_ratio": float((table / nominal).min())}
+          "depth_labels": labels, "depth_stage": stage_of}
 
 
 def training_curves(records: Sequence[Mapping[str, Any]]) -> dict:
@@ -182,7 +182,8 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict:
   order = sorted(epochs)
   return {"epoch": [e + 1 for e in order], "ce": [float(epochs[e]["epoch_ce"]) for e in order],
           "train_acc": [float(epochs[e].get("epoch_train_acc", math.nan)) for e in order],
-          "test_epoch": [e + 1 for e in sorted(tests)], "test_top1": [float(tests[e]["test_top1"]) for e in sorted(tests)]}
+          "test_epoch": [e + 1 for e in sorted(tests)],
+          "test_top1": [float(tests[e]["test_top1"]) for e in sorted(tests)]}
 
 
 # Names of the protocol's variants (tas_jax.protocol.VARIANTS) in tables and legends.
@@ -348,7 +349,7 @@ def plot_search(data: Mapping[str, Any], path: str, title: str = "") -> str:
     pad = max(0.03, 0.08 * (hi - lo))
     ax.set_ylim(max(0.0, lo - pad), min(1.05, hi + pad))
   ax.set_ylabel("MACs / unpruned MACs")
-  ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+  ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   ax.grid(alpha=0.3)
   ax.tick_params(labelbottom=False)
   if data["epoch_tau"]:
@@ -369,6 +370,19 @@ def plot_search(data: Mapping[str, Any], path: str, title: str = "") -> str:
   return _save(fig, path)
 
 
+def width_colour_range(ratios, min_span: float = 0.02) -> tuple[float, float]:
+  """The colour range of the width heatmap: the data's own, so that a short search's small moves show.
+
+  Never narrower than ``min_span``, so that noise in a flat map is not blown up.
+  """
+  r = np.asarray(ratios, np.float64)
+  lo, hi = float(r.min()), float(r.max())
+  if hi - lo < min_span:
+    mid = (lo + hi) / 2
+    lo, hi = mid - min_span / 2, mid + min_span / 2
+  return lo, hi
+
+
 def plot_arch_probs(data: Mapping[str, Any], widths: Mapping[str, Any] | None, path: str, title: str = "") -> str:
   """Heatmaps: expected width ratio per conv per epoch, and the depth choices' probabilities per epoch."""
   epochs = data["epochs"]
@@ -378,8 +392,14 @@ def plot_arch_probs(data: Mapping[str, Any], widths: Mapping[str, Any] | None, p
   fig = _figure(max(8.0, 0.26 * (n_l + n_c) + 4.0), max(3.0, 0.32 * len(epochs) + 2.0))
   gs = fig.add_gridspec(1, 2, width_ratios=(max(n_l, 4), max(n_c, 3) * 1.4), wspace=0.28)
   ax = fig.add_subplot(gs[0])
-  im = ax.imshow(wr, aspect="auto", cmap="viridis", vmin=data["min_ratio"], vmax=1.0, origin="lower",
+  lo, hi = width_colour_range(wr)
+  im = ax.imshow(wr, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, origin="lower",
                  extent=(-0.5, n_l - 0.5, -0.5, len(epochs) - 0.5), interpolation="nearest")
+  if wr.size <= 160:
+    for i in range(wr.shape[0]):
+      for j in range(n_l):
+        ax.text(j, i, f"{wr[i, j]:.2f}"[1:] if wr[i, j] < 1 else "1.0", ha="center", va="center", fontsize=6,
+                color="white" if wr[i, j] < (lo + hi) / 2 else "black")
   if widths is not None:
     for s, (a, _) in enumerate(widths["stage_spans"]):
       ax.axvline(a - 0.5, color="white", linewidth=1.2)
@@ -508,8 +528,12 @@ def _fmt_pct(v, std=None) -> str:
 def _fmt_s(v) -> str:
   if v is None:
     return "–"
-  v = float(v)
-  return f"{v:.0f} s" if v < 120 else f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.1f} h"
+  v = int(round(float(v)))
+  if v < 60:
+    return f"{v} s"
+  if v < 3600:
+    return f"{v // 60} min {v % 60:02d} s"
+  return f"{v / 3600:.1f} h"
 
 
 def _wall(state: Mapping[str, Any], stage: str, result: Mapping[str, Any] | None):
@@ -569,8 +593,13 @@ def write_report(pipeline_dir: str) -> str:
 
   Works on a partial pipeline too: figures and rows of unfinished stages are
   left out and the report says which stages are missing.
+
+  Raises:
+    FileNotFoundError: ``pipeline_dir`` is not a directory.
   """
   workdir = os.path.normpath(pipeline_dir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{pipeline_dir} is not a directory")
   fig_dir = os.path.join(workdir, FIGURES_DIR)
   os.makedirs(fig_dir, exist_ok=True)
   state = pipeline_lib.read_state(workdir)
@@ -598,8 +627,9 @@ def write_report(pipeline_dir: str) -> str:
     dd = depth_data(shape)
     plot_depth(dd, os.path.join(fig_dir, "depth.png"), f"{net}: blocks kept per stage")
     add("depth.png", "Blocks kept per stage",
-        "Residual blocks each stage keeps after the search (dark) out of the unpruned network's (light); the "
-        f"ticks mark the depths the search could choose. Kept: {dd['kept']} of {dd['available']}.")
+        "Residual blocks each stage keeps after the search (dark) out of the unpruned network's (light); under "
+        "each stage, the depths the search could choose for it (a stage keeps a prefix of its blocks). "
+        f"Kept: {dd['kept']} of {dd['available']}.")
   if search:
     curves = search_curves(_read_jsonl(os.path.join(workdir, "search", "metrics.jsonl")), search)
     if curves["epoch"]:
@@ -623,15 +653,15 @@ def write_report(pipeline_dir: str) -> str:
                       "Architecture distributions at the end of each search epoch")
       add("arch_probs.png", "Architecture distributions over the search",
           "Left: for every conv (columns, network order) and search epoch (rows), the expected width under "
-          "its learned distribution divided by the unpruned width: dark means the search pushes that conv "
-          "narrow. Right: the probability of each depth choice ('s2:3' = stage 2 keeps 3 blocks) per epoch; "
-          "each stage's choices sum to 1.")
+          "its learned distribution divided by the unpruned width (the numbers in the cells); the colours span "
+          "the range of these values, so dark marks the convs the search pushes narrowest. Right: the "
+          "probability of each depth choice ('s2:1' = stage 2 keeps 1 block) per epoch; each stage's choices "
+          "sum to 1.")
   train_curves = {}
   for stage in ("base", "kd"):
-    recs = _read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))
-    c = training_curves(recs)
-    if c["epoch"]:
-      train_curves[stage] = c
+    curves_of_stage = training_curves(_read_jsonl(os.path.join(workdir, stage, "metrics.jsonl")))
+    if curves_of_stage["epoch"]:
+      train_curves[stage] = curves_of_stage
   if train_curves:
     plot_training(train_curves, os.path.join(fig_dir, "training.png"), "Training of the unpruned and searched networks")
     add("training.png", "Training curves",

@@ -40,7 +40,8 @@ log = logging.getLogger("tas_jax")
 FINGERPRINT_KEYS = ("model", "dataset", "num_train_examples", "mode", "target_flops_ratio", "epochs", "warmup_epochs",
                     "batch_size", "lr", "weight_decay", "arch_lr", "arch_weight_decay", "tau_schedule", "tau_max",
                     "tau_min", "cost_band", "cost_tolerance", "cost_weight", "exact_cost", "num_sampled",
-                    "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype")
+                    "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype", "split_seed",
+                    "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn")
 
 
 def cross_entropy(logits, labels):
@@ -69,12 +70,34 @@ def base_shape(config, num_classes: int) -> shapes.Shape:
   return shapes.full_shape(base)
 
 
-def check_target(space: shapes.SearchSpace, ratio: float, exact: bool) -> tuple[float, float]:
+def target_ratios(config) -> list[float]:
+  """The cost targets of a run, as ratios of the unpruned network's cost: ``targets`` or ``target_flops_ratio``."""
+  text = str(config.get("targets", "") or "").strip()
+  if not text:
+    return [float(config.target_flops_ratio)]
+  try:
+    values = [float(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise engine.RunError(f"targets must be comma-separated ratios such as 0.3,0.5,0.7, got {text!r}") from None
+  if len(set(values)) != len(values) or not values:
+    raise engine.RunError(f"targets must be distinct ratios, got {text!r}")
+  return values
+
+
+def _latency_of(space, tables, shape) -> float:
+  from tas_jax import latency_table
+  return latency_table.predict(space, tables, shape)
+
+
+def check_target(space: shapes.SearchSpace, ratio: float, exact: bool, tables=None) -> tuple[float, float]:
   """Refuse a target ratio outside (0, 1) or below what the space can reach; returns (min, max) ratios."""
-  full = cost_lib.count(space.base).macs
   wi = np.zeros(space.width_table.shape[0], np.int32)
   di = np.zeros(space.depth_table.shape[0], np.int32)
-  smallest = cost_lib.as_int(cost_lib.discrete_cost(space, wi, di, exact)) / full
+  if tables is None:
+    full = cost_lib.count(space.base).macs
+    smallest = cost_lib.as_int(cost_lib.discrete_cost(space, wi, di, exact)) / full
+  else:
+    smallest = _latency_of(space, tables, space.shape_from_indices(wi, di)) / _latency_of(space, tables, space.base)
   if not 0.0 < ratio < 1.0:
     raise engine.RunError(f"target_flops_ratio must lie in (0, 1), got {ratio}")
   if ratio < smallest:
@@ -92,7 +115,7 @@ class Problem:
   w_tx: optax.GradientTransformation
   a_tx: optax.GradientTransformation
   lr_fn: Any
-  max_macs: float
+  max_macs: float  # the unpruned network's cost (MACs, or predicted seconds with latency tables)
   target_macs: float
   band: str
   tolerance: float
@@ -102,13 +125,23 @@ class Problem:
   streaming: bool
   seed: int
   arch_bn: bool
+  tables: Any = None  # latency_table.LatencyTables for a latency-aware search, else None (MACs)
 
 
-def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3, streaming=False):
-  """The search problem and its initial state ``{weights, arch, stats, w_opt, a_opt, step}``."""
+COSTS = ("macs", "latency")
+
+
+def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3, streaming=False,
+          tables=None):
+  """The search problem and its initial state ``{weights, arch, stats, w_opt, a_opt, step}``.
+
+  With latency ``tables`` the cost is predicted latency and the target is
+  ``target_flops_ratio`` times the unpruned network's (or ``target_latency_ms``).
+  """
   base = base_shape(config, num_classes)
   model = supernet.build(base, supernet_config(config), seed=int(config.seed))
-  check_target(model.space, float(config.target_flops_ratio), bool(config.exact_cost))
+  for ratio in target_ratios(config):
+    check_target(model.space, ratio, bool(config.exact_cost), tables)
   graphdef, weights, arch, stats = supernet.split(model)
   lr_fn = schedules.lr_schedule(config.get("lr_schedule", "cosine"), config.lr, config.epochs, steps_per_epoch,
                                 warmup_epochs=config.warmup_epochs)
@@ -116,10 +149,13 @@ def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(
                                 weight_decay=config.weight_decay)
   a_tx = optim.arch_optimizer(config.arch_lr, b1=config.arch_b1, b2=config.arch_b2,
                               weight_decay=config.arch_weight_decay)
-  max_macs = float(cost_lib.count(base).macs)
-  problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, max_macs, float(config.target_flops_ratio) * max_macs,
+  if tables is None:
+    max_cost = float(cost_lib.count(base).macs)
+  else:
+    max_cost = _latency_of(model.space, tables, base)
+  problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, max_cost, target_ratios(config)[0] * max_cost,
                     config.cost_band, float(config.cost_tolerance), float(config.cost_weight), tuple(mean), tuple(std),
-                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)))
+                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)), tables)
   state = {"weights": weights, "arch": arch, "stats": stats, "w_opt": w_tx.init(weights), "a_opt": a_tx.init(arch),
            "step": jnp.zeros((), jnp.int32)}
   return problem, state
@@ -131,11 +167,27 @@ def _augment(problem: Problem, key, images):
   return data_lib.augment_cifar(key, images, problem.mean, problem.std)
 
 
-def search_step(problem: Problem, state, train_batch, valid_batch, tau):
+def _costs(problem: Problem, model: supernet.Supernet, forward_costs):
+  """(expected, discrete) cost as floats: MACs from the forward, or latency from the tables."""
+  if problem.tables is None:
+    return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
+  wi, di = model.argmax()
+  space = problem.space
+  expected = cost_lib.table_cost(space, problem.tables, model.width_probs(), model.depth_probs())
+  discrete = cost_lib.table_cost(space, problem.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
+                                 jax.nn.one_hot(di, space.depth_table.shape[1]))
+  return expected, jax.lax.stop_gradient(discrete)
+
+
+def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=None):
   """One TAS iteration: a weight step on ``train_batch``, then an architecture step on ``valid_batch``.
 
-  Pure; returns ``(new_state, metrics)``. ``tau`` is a traced scalar.
+  Pure; returns ``(new_state, metrics)``. ``tau`` and ``target`` (the cost
+  target; default the problem's) are traced scalars, so one compiled step
+  serves every epoch, and ``jax.vmap`` over states and targets searches for
+  several targets at once.
   """
+  target = problem.target_macs if target is None else target
   g = problem.graphdef
   key = jax.random.fold_in(jax.random.key(problem.seed), state["step"])
   k_aug_t, k_aug_v, k_w, k_a = jax.random.split(key, 4)
@@ -154,17 +206,17 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau):
   def arch_loss(arch):
     logits, costs, new_stats = supernet.apply(g, weights, arch, stats_w, xv, k_a, tau, train=True)
     ce = cross_entropy(logits, valid_batch["labels"])
-    c_loss = cost_lib.cost_loss(costs["expected"], cost_lib.as_float(costs["discrete"]), problem.target_macs,
-                                problem.max_macs, band=problem.band, tolerance=problem.tolerance,
-                                weight=problem.cost_weight)
-    return ce + c_loss, (new_stats, ce, c_loss, costs["expected"], logits)
+    expected, discrete = _costs(problem, nnx.merge(g, weights, arch, stats_w, copy=True), costs)
+    c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_macs, band=problem.band,
+                                tolerance=problem.tolerance, weight=problem.cost_weight)
+    return ce + c_loss, (new_stats, ce, c_loss, expected, logits)
 
   (a_loss, (stats_a, a_ce, c_loss, expected, logits_v)), a_grads = jax.value_and_grad(arch_loss, has_aux=True)(arch)
   a_updates, a_opt = problem.a_tx.update(a_grads, state["a_opt"], arch)
   arch = optax.apply_updates(arch, a_updates)
   new_stats = stats_a if problem.arch_bn else stats_w
   model = nnx.merge(g, weights, arch, new_stats, copy=True)
-  discrete = cost_lib.as_float(model.costs()["discrete"])
+  _, discrete = _costs(problem, model, model.costs())
   new_state = {"weights": weights, "arch": arch, "stats": new_stats, "w_opt": w_opt, "a_opt": a_opt,
                "step": state["step"] + 1}
   metrics = {"weight_loss": w_loss, "arch_loss": a_loss, "arch_ce": a_ce, "cost_loss": c_loss,
@@ -176,7 +228,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau):
 
 
 def fit_to_band(space: shapes.SearchSpace, width_probs, depth_probs, shape: shapes.Shape, band,
-                max_moves: int = 10_000) -> tuple[shapes.Shape, int]:
+                max_moves: int = 10_000, cost_fn=None) -> tuple[shapes.Shape, int]:
   """Move a shape into the cost band by the single-candidate changes that cost the least probability.
 
   The argmax of a short search can sit just outside the band while its
@@ -185,13 +237,15 @@ def fit_to_band(space: shapes.SearchSpace, width_probs, depth_probs, shape: shap
   the move that loses the least log-probability per MAC moved towards the band,
   and never jumps over the band if another move lands in or before it. The
   official code keeps the raw argmax (``fit_to_band=False``); both are written.
+  ``cost_fn(shape)`` is the cost the band is in (default: exact MACs).
   Returns the shape and the number of moves.
   """
+  cost_fn = cost_fn or (lambda sh: cost_lib.count(sh).macs)
   low, high = band
   wi, di = space.indices_of(shape)
   logw = np.log(np.maximum(width_probs, 1e-12))
   logd = np.log(np.maximum(depth_probs, 1e-12))
-  macs = cost_lib.count(shape).macs
+  macs = cost_fn(shape)
   moves = 0
   while not low <= macs <= high and moves < max_moves:
     down = macs > high
@@ -203,17 +257,21 @@ def fit_to_band(space: shapes.SearchSpace, width_probs, depth_probs, shape: shap
     for s_ in range(len(di)):
       for j in _neighbours(space.depth_table[s_], space.depth_mask[s_], di[s_], down):
         candidates.append(("d", s_, j, logd[s_, di[s_]] - logd[s_, j]))
+    neutral = None  # a move that changes nothing now but may unblock a later one (a dropped block's width)
     for kind, i, j, loss in candidates:
       w2, d2 = wi.copy(), di.copy()
       (w2 if kind == "w" else d2)[i] = j
-      new = cost_lib.count(space.shape_from_indices(w2, d2)).macs
+      new = cost_fn(space.shape_from_indices(w2, d2))
       gain = (macs - new) if down else (new - macs)
+      if gain == 0 and (neutral is None or loss < neutral[0][1]):
+        neutral = ((False, loss), w2, d2, new)
       if gain <= 0:
         continue
       overshoot = new < low if down else new > high
       key = (overshoot, loss / gain)
       if best is None or key < best[0]:
         best = (key, w2, d2, new)
+    best = best or neutral
     if best is None:
       break
     _, wi, di, macs = best
@@ -232,9 +290,20 @@ def _neighbours(row, mask, current, down):
   return [min(larger)[1]] if larger else []
 
 
-def compile_step(problem: Problem, run_mesh):
+def compile_step(problem: Problem, run_mesh, targets=None):
+  """The jitted search step; with ``targets`` [K] it is vectorised over K stacked states."""
   repl = parallel.replicated(run_mesh)
-  return jax.jit(functools.partial(search_step, problem), donate_argnums=(0,), out_shardings=(repl, repl))
+  if targets is None:
+    return jax.jit(functools.partial(search_step, problem), donate_argnums=(0,), out_shardings=(repl, repl))
+  tags = [_tag(float(t) / problem.max_macs) for t in np.asarray(targets)]
+
+  def multi(state, tb, vb, tau):
+    new, m = jax.vmap(functools.partial(search_step, problem), in_axes=(0, None, None, None, 0))(
+        state, tb, vb, tau, targets)
+    # Scalars per target, so the loop logs them like a single search's.
+    return new, {f"{k}_{tag}": v[i] for k, v in m.items() for i, tag in enumerate(tags)}
+
+  return jax.jit(multi, donate_argnums=(0,), out_shardings=(repl, repl))
 
 
 def tau_at(config, epoch: int) -> float:
@@ -265,10 +334,37 @@ def hard_logits_fn(problem: Problem):
   return fn
 
 
+def _latency_tables(config, run_, num_classes):
+  """Measured latency tables for ``cost=latency`` (process 0 measures; every process uses its numbers)."""
+  from jax.experimental import multihost_utils
+  from tas_jax import latency_table
+  space = supernet.make_space(base_shape(config, num_classes), supernet_config(config))
+  tables = latency_table.build_tables(space, int(config.get("latency_batch", 1)))
+  if jax.process_count() > 1:  # timings differ per host; all must optimise the same costs
+    flat, tree = jax.tree.flatten((tables.stem, tables.convs, tables.shortcut, tables.projection, tables.head,
+                                   tables.offset, tables.scale))
+    flat = [np.asarray(x) for x in multihost_utils.broadcast_one_to_all([np.asarray(f) for f in flat])]
+    stem, convs, sc, proj, head, offset, scale = jax.tree.unflatten(tree, flat)
+    tables = dataclasses.replace(tables, stem=stem, convs=convs, shortcut=sc, projection=proj, head=head,
+                                 offset=float(offset), scale=float(scale))
+  return tables
+
+
 def run(config, workdir: str, distributed=None) -> dict:
-  """The search program: resumable, writes shape.json, shapes/, metrics.jsonl, arch_probs.jsonl, result.json."""
+  """The search program: resumable; writes shape.json, shapes/, metrics.jsonl, arch_probs.jsonl, result.json.
+
+  With several ``targets`` one vectorised step searches K supernets at once
+  (each with its own weights, architecture and optimiser states, sharing the
+  input batches) and writes ``shape_<target>.json`` for each.
+  """
   t_start = time.time()
+  base_shape(config, None)  # an unknown model is refused before any data is read
   run_ = engine.start(config, workdir, distributed)
+  cost_kind = config.get("cost", "macs")
+  if cost_kind not in COSTS:
+    raise engine.RunError(f"cost must be one of {COSTS}, got {cost_kind!r}")
+  targets = target_ratios(config)
+  multi = len(targets) > 1
   dataset = engine.load_data(config)
   engine.check_batch_size(int(config.batch_size))
   train_half, valid_half = data_lib.search_split(dataset.labels("train"), int(config.get("split_seed", config.seed)))
@@ -279,17 +375,29 @@ def run(config, workdir: str, distributed=None) -> dict:
   v_batches = data_lib.Batches(len(valid_half), bs, seed=int(config.seed) + 1)
   spe = t_batches.steps_per_epoch
   total = spe * int(config.epochs)
-  problem, state = build(config, dataset.num_classes, spe, dataset.mean, dataset.std, bool(dataset.streaming))
+  tables = _latency_tables(config, run_, dataset.num_classes) if cost_kind == "latency" else None
+  problem, state = build(config, dataset.num_classes, spe, dataset.mean, dataset.std, bool(dataset.streaming),
+                         tables)
+  if cost_kind == "latency" and float(config.get("target_latency_ms", 0) or 0) > 0:
+    targets = [float(config.target_latency_ms) / 1e3 / problem.max_macs]
+    check_target(problem.space, targets[0], True, tables)
+  target_costs = jnp.asarray([t * problem.max_macs for t in targets], jnp.float32)
+  if multi:
+    state = jax.tree.map(lambda x: jnp.stack([x] * len(targets)), state)
   state = engine.replicate(run_, state)
-  fp = engine.fingerprint(config, FINGERPRINT_KEYS)
+  fp = engine.fingerprint(config, FINGERPRINT_KEYS + ("cost", "targets", "latency_batch", "target_latency_ms"))
   ckpt = engine.open_checkpoints(run_, fp)
   state, meta, start = engine.restore(run_, ckpt, state)
+  # Epochs the run is about to repeat would otherwise be logged twice.
+  engine.keep_records(run_, "arch_probs.jsonl", lambda r: (int(r.get("epoch", -1)) + 1) * spe <= start)
   if start:
     log.info("resuming at step %d of %d", start, total)
-  step_fn = compile_step(problem, run_.mesh)
+  step_fn = compile_step(problem, run_.mesh, targets=target_costs if multi else None)
   os.makedirs(run_.path("shapes"), exist_ok=True)
   eval_idx = valid_half[: int(config.get("eval_examples") or len(valid_half))]
   eval_fn = engine.Evaluator(run_, dataset, "train", eval_idx, bs, hard_logits_fn(problem))
+  tags = [_tag(t) for t in targets]
+  per_target = (lambda st, i: jax.tree.map(lambda x: x[i], st)) if multi else (lambda st, i: st)
 
   def batches(step):
     return (engine.device_batch(run_, dataset, "train", train_half[t_batches.indices(step)], step),
@@ -310,15 +418,20 @@ def run(config, workdir: str, distributed=None) -> dict:
     return {"epoch": step // spe}
 
   def on_epoch(state, epoch, averaged):
-    shape = argmax_shape(problem, state)
-    macs = cost_lib.count(shape).macs
-    top1, _ = eval_fn(state)
-    if run_.is_main:
-      shapes.save(shape, run_.path("shapes", f"epoch_{epoch:03d}.json"))
-      with open(run_.path("arch_probs.jsonl"), "a") as f:
-        f.write(json.dumps({"epoch": epoch, **arch_probabilities(problem, state)}) + "\n")
-    return {"val_acc": top1, "flops_ratio_exact": macs / problem.max_macs, "macs": macs,
-            "tau": tau_at(config, epoch)}
+    out = {"tau": tau_at(config, epoch)}
+    for i, tag in enumerate(tags):
+      st = per_target(state, i)
+      shape = argmax_shape(problem, st)
+      suffix = f"_{tag}" if multi else ""
+      top1, _ = eval_fn(st)
+      out.update({f"val_acc{suffix}": top1, f"flops_ratio_exact{suffix}": _cost_of(problem, shape) / problem.max_macs,
+                  f"macs{suffix}": cost_lib.count(shape).macs})
+      if run_.is_main:
+        shapes.save(shape, run_.path("shapes", f"epoch_{epoch:03d}{suffix}.json"))
+        with open(run_.path("arch_probs.jsonl"), "a") as f:
+          rec = {"epoch": epoch, **({"target": targets[i]} if multi else {}), **arch_probabilities(problem, st)}
+          f.write(json.dumps(rec) + "\n")
+    return out
 
   def save(state, step):
     ckpt.save(step, state, meta={"epoch": step // spe, "step": step}, force=True)
@@ -336,26 +449,55 @@ def run(config, workdir: str, distributed=None) -> dict:
     run_.writer.close()
     ckpt.close()
     return {"finished": False, "step": start + loop.stop_after}
-  argmax = argmax_shape(problem, state)
-  band = cost_lib.cost_band(problem.target_macs, problem.max_macs, problem.band, problem.tolerance)
-  shape, moves = argmax, 0
-  if config.get("fit_to_band", True):
-    model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
-    shape, moves = fit_to_band(problem.space, np.asarray(model.width_probs()), np.asarray(model.depth_probs()),
-                               argmax, band)
-  c = cost_lib.count(shape)
-  result = {"finished": True, "macs": c.macs, "params": c.params, "flops_ratio": c.macs / problem.max_macs,
-            "argmax_flops_ratio": cost_lib.count(argmax).macs / problem.max_macs, "fit_moves": moves,
-            "target_flops_ratio": float(config.target_flops_ratio), "epochs": int(config.epochs),
-            "steps": total, "model": config.model, "dataset": dataset.name,
-            "band": list(band),
-            "wall_s": time.time() - t_start}
-  result["band_ratio"] = [b / problem.max_macs for b in result["band"]]
-  result["in_band"] = result["band"][0] <= c.macs <= result["band"][1]
+  results = []
+  for i, (ratio, tag) in enumerate(zip(targets, tags)):
+    st = per_target(state, i)
+    target_cost = ratio * problem.max_macs
+    argmax = argmax_shape(problem, st)
+    band = cost_lib.cost_band(target_cost, problem.max_macs, problem.band, problem.tolerance)
+    shape, moves = argmax, 0
+    if config.get("fit_to_band", True):
+      model = nnx.merge(problem.graphdef, st["weights"], st["arch"], st["stats"], copy=True)
+      shape, moves = fit_to_band(problem.space, np.asarray(model.width_probs()), np.asarray(model.depth_probs()),
+                                 argmax, band, cost_fn=lambda sh: _cost_of(problem, sh))
+    c = cost_lib.count(shape)
+    full = cost_lib.count(problem.space.base).macs
+    value = _cost_of(problem, shape)
+    r = {"target": ratio, "cost": cost_kind, "macs": c.macs, "params": c.params, "flops_ratio": c.macs / full,
+         "cost_ratio": value / problem.max_macs, "argmax_cost_ratio": _cost_of(problem, argmax) / problem.max_macs,
+         "fit_moves": moves, "band_ratio": [b / problem.max_macs for b in band], "in_band": band[0] <= value <= band[1]}
+    if tables is not None:
+      from tas_jax import latency as latency_lib
+      measured = latency_lib.measure_latency(shape, tables.batch_size, runs=50)["median_ms"]
+      r.update({"predicted_latency_ms": value * 1e3, "measured_latency_ms": measured,
+                "latency_error": (value * 1e3 - measured) / measured,
+                "unpruned_predicted_latency_ms": problem.max_macs * 1e3})
+    if run_.is_main:
+      name = f"shape_{tag}.json" if multi else "shape.json"
+      shapes.save(shape, run_.path(name))
+      shapes.save(argmax, run_.path(name.replace("shape", "shape_argmax")))
+    r["shape_file"] = f"shape_{tag}.json" if multi else "shape.json"
+    results.append(r)
+  result = {"finished": True, "epochs": int(config.epochs), "steps": total, "model": config.model,
+            "dataset": dataset.name, "wall_s": time.time() - t_start, "cost": cost_kind}
+  if multi:
+    result["targets"] = results
+  else:
+    result.update(results[0])
+    result["target_flops_ratio"] = targets[0]
   if run_.is_main:
-    shapes.save(shape, run_.path("shape.json"))
-    shapes.save(argmax, run_.path("shape_argmax.json"))
     engine.write_json(run_.path("result.json"), result)
   run_.writer.close()
   ckpt.close()
   return result
+
+
+def _tag(ratio: float) -> str:
+  return f"{ratio:g}"
+
+
+def _cost_of(problem: Problem, shape: shapes.Shape) -> float:
+  """The search's cost of a shape: exact MACs, or predicted latency in seconds."""
+  if problem.tables is None:
+    return float(cost_lib.count(shape).macs)
+  return _latency_of(problem.space, problem.tables, shape)

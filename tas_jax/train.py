@@ -115,6 +115,12 @@ def check_config(config) -> None:
     raise engine.RunError("mode kd needs config.teacher: the directory of a finished base run")
   if mode == "finetune" and not config.get("init_from"):
     raise engine.RunError("mode finetune needs config.init_from: a finished training or search run directory")
+  try:  # an unknown model or a malformed shape file, named before the data is loaded
+    shapes.resolve(config.model)
+    if config.get("shape"):
+      shapes.resolve(config.shape)
+  except shapes.ShapeError as e:
+    raise engine.RunError(str(e)) from None
 
 
 def compute_dtype(config):
@@ -700,7 +706,7 @@ def run(config, workdir: str, distributed=None) -> dict:
   train_s = clock.seconds()
   images = images_before + (total - start) * bs
   top1, top5 = test_eval(variables(state))
-  if start < total:
+  if start < total or not engine.logged(run_, total, "test_top1"):  # also after a kill right after the last step
     run_.writer.write(total, {"test_top1": top1, "test_top5": top5}, epoch=plan.epochs - 1)
   save_model(run_.path(MODEL_DIR), shape, state["params"], state["stats"], run_.is_main)
   result = {"finished": True, "mode": config.mode, "recipe": config.get("recipe", ""), "test_top1": top1,

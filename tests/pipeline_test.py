@@ -161,6 +161,11 @@ def test_a_finished_stage_under_another_configuration_is_refused(tmp_path, monke
   harmless = small_config()
   harmless.kd.log_every_steps = 1  # does not change what is trained
   assert pipeline.run(harmless, workdir, report=False)["finished"]
+  # A search run again (another shape) leaves the distilled network stale.
+  shape = shapes.load(os.path.join(workdir, "search", "shape.json"))
+  shapes.save(shape.replace(blocks=(3, 3, 3)), os.path.join(workdir, "search", "shape.json"))
+  with pytest.raises(engine.RunError, match=r"stage kd .* another configuration \(searched shape: "):
+    pipeline.run(small_config(), workdir, report=False)
 
 
 def test_report_only_command_line(tmp_path):
@@ -184,7 +189,7 @@ def tiny_config():
   for stage in (c.base, c.kd):
     stage.epochs = 2
     stage.batch_size = 32
-    stage.eval_batch_size = 500
+    stage.eval_batch_size = 200
     stage.log_every_steps = 2
   c.search.epochs = 2
   c.search.batch_size = 32

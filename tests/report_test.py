@@ -107,7 +107,7 @@ def write_kd(root, shape=None, epochs=3, top1=0.58):
   _write(os.path.join(d, "result.json"), {"finished": True, "mode": "kd", "recipe": "official", "test_top1": top1,
                                           "test_top5": 0.95, "macs": c.macs, "params": c.params,
                                           "flops_ratio": c.macs / full, "epochs": epochs, "model": "resnet20",
-                                          "dataset": "synthetic(seed=0)", "wall_s": 40.0})
+                                          "dataset": "synthetic(seed=0)", "wall_s": 40.0, "shape": shape.to_dict()})
   _write_jsonl(os.path.join(d, "metrics.jsonl"),
                [{"step": 10 * (e + 1), "epoch": e, "epoch_ce": 2.1 - 0.4 * e, "epoch_loss": 0.5,
                  "epoch_train_acc": 0.2 + 0.13 * e} for e in range(epochs)])
@@ -124,6 +124,7 @@ def write_protocol(root, shape=None):
                       "test_top1_std": float(np.std(accs, ddof=1)), "test_top5_mean": 0.9, "test_top5_std": 0.0,
                       "macs": c.macs, "params": c.params, "epochs": 3, "variant": name, "latency": lat}
   summary = {"label": "searched", "recipe": "official", "seeds": 2, "macs": c.macs, "params": c.params,
+             "shape": shape.to_dict(),
              "latency": lat, "variants": variants,
              "teacher_result": {"test_top1": 0.61, "latency": {"1": {"median_ms": 2.5, "device": "cpu"}}}}
   _write(os.path.join(root, "protocol", "protocol.json"), summary)

@@ -65,6 +65,10 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_devices = 0  # 0 = every device of every process
   c.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps (to fit a time slot)
+  c.cost = "macs"  # macs | latency (measured per-conv latency tables, see tas_jax.latency_table)
+  c.latency_batch = 1  # batch size the latency is measured and targeted at
+  c.target_latency_ms = 0.0  # > 0: absolute latency target (cost=latency); else target_flops_ratio of the unpruned
+  c.targets = ""  # "0.3,0.5,0.7": one vectorised run, one shape per target ratio (shape_<ratio>.json)
   c.fit_to_band = True  # nudge a final argmax outside the cost band into it (see tas_jax.search.fit_to_band)
   if name.startswith("imagenet"):
     c.epochs, c.warmup_epochs = 120, 5
