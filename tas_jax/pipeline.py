@@ -16,14 +16,14 @@ own engine, and a ``pipeline.json`` of its own:
 A stage whose results are complete is not run again; one that was interrupted
 is rerun on its directory, where its engine resumes from its checkpoint. A
 complete stage whose configuration no longer matches (another number of
-epochs, say) is refused rather than silently reused, since every later stage
-builds on it.
+epochs, say, or for the distilled network and the baselines another searched
+shape) is refused rather than silently reused, since every later stage builds
+on it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -32,8 +32,6 @@ import ml_collections
 
 from tas_jax import engine
 from tas_jax import parallel
-
-log = logging.getLogger("tas_jax")
 
 STAGES = ("base", "search", "kd", "protocol")
 STATE_FILE = "pipeline.json"

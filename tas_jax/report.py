@@ -13,7 +13,6 @@ Figures whose stage has not finished are left out, and the markdown says so.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
@@ -194,15 +193,20 @@ def protocol_variants(summary: Mapping[str, Any] | None) -> list[dict]:
   """The finished variants of a ``protocol.json``.
 
   Returns ``{"name", "title", "n", "top1", "top1_std", "top5", "macs",
-  "params", "epochs"}`` per variant with at least one finished seed.
+  "params", "epochs"}`` per variant with at least one finished seed, in the
+  protocol's order; ``top1_std`` (over seeds) is None for a single seed.
   """
   out = []
-  for name, v in ((summary or {}).get("variants") or {}).items():
+  variants = (summary or {}).get("variants") or {}
+  order = list(VARIANT_TITLES) + sorted(set(variants) - set(VARIANT_TITLES))
+  for name in order:
+    v = variants.get(name)
     if not isinstance(v, Mapping) or not v.get("n"):
       continue
-    out.append({"name": name, "title": VARIANT_TITLES.get(name, name), "n": int(v["n"]),
-                "top1": float(v["test_top1_mean"]), "top1_std": float(v.get("test_top1_std") or 0.0),
-                "top5": v.get("test_top5_mean"), "macs": v.get("macs", summary.get("macs")),
+    n = int(v["n"])
+    std = float(v.get("test_top1_std") or 0.0) if n > 1 else None
+    out.append({"name": name, "title": VARIANT_TITLES.get(name, name), "n": n, "top1": float(v["test_top1_mean"]),
+                "top1_std": std, "top5": v.get("test_top5_mean"), "macs": v.get("macs", summary.get("macs")),
                 "params": v.get("params", summary.get("params")), "epochs": v.get("epochs")})
   return out
 
@@ -227,7 +231,7 @@ def accuracy_points(workdir: str) -> list[dict]:
     r = _stage_result(workdir, stage)
     if r and r.get("test_top1") is not None:
       points.append({"label": label, "kind": kind, "macs": r["macs"], "params": r.get("params"),
-                     "top1": float(r["test_top1"]), "top1_std": 0.0})
+                     "top1": float(r["test_top1"]), "top1_std": None})
   for v in protocol_variants(_read_json(os.path.join(workdir, "protocol", "protocol.json"))):
     if v["macs"] is not None:
       seeds = f", {v['n']} seeds" if v["n"] > 1 else ""
@@ -480,33 +484,35 @@ def dodge(xs: Sequence[float], step: float) -> list[float]:
 
 
 def plot_accuracy(points: Sequence[Mapping[str, Any]], path: str, title: str = "", full_macs: int | None = None) -> str:
-  """Test top-1 against MACs for every trained variant."""
-  fig = _figure(6.4, 4.2)
+  """Test top-1 against MACs for every trained variant; the values are in the legend."""
+  fig = _figure(7.6, 4.0)
   ax = fig.add_subplot()
   style = {"base": dict(marker="s", color=BASE_COLOUR, markersize=9),
            "kd": dict(marker="*", color=KD_COLOUR, markersize=15)}
-  xmax = max([p["macs"] / 1e6 for p in points] + [(full_macs or 0) / 1e6] + [1e-6]) * 1.15
-  xs = dodge([p["macs"] / 1e6 for p in points], 0.022 * xmax)
+  xmax = max([p["macs"] / 1e6 for p in points] + [(full_macs or 0) / 1e6] + [1e-6]) * 1.12
+  xs = dodge([p["macs"] / 1e6 for p in points], 0.03 * xmax)
   k = 0
   for p, x in zip(points, xs):
     s = style.get(p["kind"])
     if s is None:
       s = dict(marker="o", color=BASELINE_COLOURS[k % len(BASELINE_COLOURS)], markersize=8)
       k += 1
-    y = 100 * p["top1"]
-    ax.errorbar([x], [y], yerr=[100 * (p["top1_std"] or 0.0)], linestyle="none", capsize=3, label=p["label"], **s)
-    ax.annotate(f"{y:.1f} %", (x, y), textcoords="offset points", xytext=(9, -3), fontsize=8, color=s["color"])
+    y, std = 100 * p["top1"], p.get("top1_std")
+    value = f"{y:.2f} ± {100 * std:.2f} %" if std is not None else f"{y:.2f} %"
+    ax.errorbar([x], [y], yerr=[100 * (std or 0.0)], linestyle="none", capsize=3,
+                label=f"{p['label']}: {value}, {p['macs'] / 1e6:.2f}M MACs", **s)
   if full_macs:
     ax.axvline(full_macs / 1e6, color="#969696", linestyle=":", linewidth=0.9)
-  ys = [100 * p["top1"] for p in points]
+  lows = [100 * (p["top1"] - (p.get("top1_std") or 0.0)) for p in points]
+  highs = [100 * (p["top1"] + (p.get("top1_std") or 0.0)) for p in points]
   if points:
     ax.set_xlim(0.0, xmax)
-    yspan = max(ys) - min(ys) or 1.0
-    ax.set_ylim(min(ys) - 0.35 * yspan - 0.5, max(ys) + 0.35 * yspan + 0.5)
+    span = max(highs) - min(lows) or 1.0
+    ax.set_ylim(min(lows) - 0.2 * span - 0.3, max(highs) + 0.2 * span + 0.3)
   ax.set_xlabel("MACs (millions)")
   ax.set_ylabel("test top-1 accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="best", framealpha=0.9)
+  ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
   ax.spines[["top", "right"]].set_visible(False)
   if title:
     ax.set_title(title, fontsize=10)
@@ -522,7 +528,7 @@ def _fmt_int(v) -> str:
 def _fmt_pct(v, std=None) -> str:
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "–"
-  return f"{100 * v:.2f} ± {100 * std:.2f}" if std else f"{100 * v:.2f}"
+  return f"{100 * v:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * v:.2f}"
 
 
 def _fmt_s(v) -> str:
@@ -564,11 +570,11 @@ def summary_rows(workdir: str) -> list[dict]:
   protocol = _read_json(os.path.join(workdir, "protocol", "protocol.json"))
   for v in protocol_variants(protocol):
     seeds = f", mean ± std of {v['n']} seeds" if v["n"] > 1 else ""
-    rows.append({"name": f"baseline: {v['title']}{seeds}", "macs": v["macs"], "params": v["params"],
+    rows.append({"name": f"protocol: {v['title']}{seeds}", "macs": v["macs"], "params": v["params"],
                  "ratio": (v["macs"] / full) if (v["macs"] and full) else None, "top1": v["top1"],
                  "top1_std": v["top1_std"], "top5": v["top5"], "epochs": v["epochs"], "wall_s": None})
   if protocol is not None and rows:
-    rows.append({"name": "baselines (the protocol stage, all runs)", "macs": None, "params": None, "ratio": None,
+    rows.append({"name": "protocol (the stage, all its runs)", "macs": None, "params": None, "ratio": None,
                  "top1": None, "top5": None, "epochs": None, "wall_s": _wall(state, "protocol", None)})
   return rows
 
@@ -678,7 +684,8 @@ def write_report(pipeline_dir: str) -> str:
         "the searched shape distilled from it (star)"
         + (" and the Rethinking baselines (circles; error bars: standard deviation over seeds). The searched "
            "shape and its baselines have the same MACs; their points are spread sideways so that none hides "
-           "another" if has_baselines else "") + ". The dotted line marks the unpruned MACs. Up and left is better.")
+           "another" if has_baselines else "") + ". The legend gives the values; the dotted line marks the "
+        "unpruned MACs. Up and left is better.")
 
   missing = [s for s in pipeline_lib.enabled_stages(state.get("config")) if not pipeline_lib.is_complete(workdir, s)]
   lines = _markdown(workdir, state, base, search, kd, shape, figures, missing)

@@ -167,12 +167,14 @@ def _augment(problem: Problem, key, images):
   return data_lib.augment_cifar(key, images, problem.mean, problem.std)
 
 
-def _costs(problem: Problem, model: supernet.Supernet, forward_costs):
-  """(expected, discrete) cost as floats: MACs from the forward, or latency from the tables."""
-  if problem.tables is None:
-    return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
+def _costs(problem: Problem, model: supernet.Supernet, forward_costs=None):
+  """(expected, discrete) cost as floats: MACs (from the forward when given), or latency from the tables."""
   wi, di = model.argmax()
   space = problem.space
+  if problem.tables is None:
+    if forward_costs is None:
+      return None, cost_lib.as_float(cost_lib.discrete_cost(space, wi, di, model.config.exact_cost))
+    return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
   expected = cost_lib.table_cost(space, problem.tables, model.width_probs(), model.depth_probs())
   discrete = cost_lib.table_cost(space, problem.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
                                  jax.nn.one_hot(di, space.depth_table.shape[1]))
@@ -196,7 +198,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
   arch, stats = state["arch"], state["stats"]
 
   def weight_loss(weights):
-    logits, _, new_stats = supernet.apply(g, weights, arch, stats, xt, k_w, tau, train=True)
+    logits, _, new_stats = supernet.apply(g, weights, arch, stats, xt, k_w, tau, train=True, with_costs=False)
     return cross_entropy(logits, train_batch["labels"]), (new_stats, logits)
 
   (w_loss, (stats_w, logits_t)), grads = jax.value_and_grad(weight_loss, has_aux=True)(state["weights"])
@@ -216,7 +218,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
   arch = optax.apply_updates(arch, a_updates)
   new_stats = stats_a if problem.arch_bn else stats_w
   model = nnx.merge(g, weights, arch, new_stats, copy=True)
-  _, discrete = _costs(problem, model, model.costs())
+  _, discrete = _costs(problem, model)
   new_state = {"weights": weights, "arch": arch, "stats": new_stats, "w_opt": w_opt, "a_opt": a_opt,
                "step": state["step"] + 1}
   metrics = {"weight_loss": w_loss, "arch_loss": a_loss, "arch_ce": a_ce, "cost_loss": c_loss,
@@ -328,7 +330,7 @@ def hard_logits_fn(problem: Problem):
   def fn(state, images):
     x = data_lib.normalize(images, problem.mean, problem.std)
     logits, _, _ = supernet.apply(problem.graphdef, state["weights"], state["arch"], state["stats"], x, None, 1.0,
-                                  train=False, hard=True)
+                                  train=False, hard=True, with_costs=False)
     return logits
 
   return fn

@@ -170,8 +170,11 @@ class SuperConv(nnx.Module):
       interp = jax.vmap(lambda w: cwi_lib.interpolation_matrix(c, w, out_width))(width)  # [k, C, C]
       mix = jnp.einsum("gjc,jco,j->gco", a, interp, weight.astype(jnp.float32))
       offset = jnp.einsum("gjc,jco,j->go", b, interp, weight.astype(jnp.float32))
-      yg = y.reshape((g, -1) + y.shape[1:])
-      out = jnp.einsum("gbhwc,gco->gbhwo", yg, mix.astype(y.dtype)) + offset[:, None, None, None].astype(y.dtype)
+      if g == 1:  # a plain matmul compiles and runs faster than a batched one
+        out = jnp.dot(y, mix[0].astype(y.dtype)) + offset[0].astype(y.dtype)
+      else:
+        yg = y.reshape((g, -1) + y.shape[1:])
+        out = jnp.einsum("gbhwc,gco->gbhwo", yg, mix.astype(y.dtype)) + offset[:, None, None, None].astype(y.dtype)
     out = out.reshape(y.shape)
     return (jax.nn.relu(out) if relu else out), out_width
 
@@ -280,13 +283,13 @@ class Supernet(nnx.Module):
     depth = jax.nn.one_hot(di, self.space.depth_table.shape[1], dtype=jnp.float32)
     return Selection(idx, _widths(self.space, idx), jnp.ones(idx.shape, jnp.float32), depth, hard=True)
 
-  def __call__(self, images, key, tau, *, train: bool = True):
-    return self.forward(images, self.sample(key, tau), train=train)
+  def __call__(self, images, key, tau, *, train: bool = True, with_costs: bool = True):
+    return self.forward(images, self.sample(key, tau), train=train, with_costs=with_costs)
 
-  def hard(self, images, *, train: bool = False):
-    return self.forward(images, self.argmax_selection(), train=train)
+  def hard(self, images, *, train: bool = False, with_costs: bool = True):
+    return self.forward(images, self.argmax_selection(), train=train, with_costs=with_costs)
 
-  def forward(self, images, sel: Selection, *, train: bool):
+  def forward(self, images, sel: Selection, *, train: bool, with_costs: bool = True):
     cfg, space, lay = self.config, self.space, self.space.layout
     groups = cfg.bn_groups if train else 0
     kw = dict(train=train, groups=groups, dtype=cfg.dtype)
@@ -306,7 +309,8 @@ class Supernet(nnx.Module):
         x, w = _mix_depths(ends, sel.depth[s, : len(ends)], sel.hard)
     feats = x.astype(jnp.float32).mean(axis=(1, 2))
     logits = feats @ self.head_kernel[...] + self.head_bias[...]
-    return logits, self.costs()
+    # The cost graph is small but not free to compile; the weight step does not need it.
+    return logits, (self.costs() if with_costs else None)
 
 
 def _widths(space, idx):
@@ -339,19 +343,21 @@ def split(model: Supernet):
   return nnx.split(model, nnx.Param, ArchParam, nnx.BatchStat)
 
 
-def apply(graphdef, weights, arch, stats, images, key, tau, *, train: bool = True, hard: bool = False):
+def apply(graphdef, weights, arch, stats, images, key, tau, *, train: bool = True, hard: bool = False,
+          with_costs: bool = True):
   """The supernet forward as one pure function.
 
-  Returns ``(logits, costs, new_stats)``. With ``hard=True`` the argmax network
+  Returns ``(logits, costs, new_stats)`` (``costs`` is None with
+  ``with_costs=False``). With ``hard=True`` the argmax network
   runs exactly (``key`` and ``tau`` are ignored); ``train`` selects batch or
   running statistics (training also updates the running statistics of the
   drawn candidates).
   """
   model = nnx.merge(graphdef, weights, arch, stats, copy=True)  # never mutate the caller's variables
   if hard:
-    logits, costs = model.hard(images, train=train)
+    logits, costs = model.hard(images, train=train, with_costs=with_costs)
   else:
-    logits, costs = model(images, key, tau, train=train)
+    logits, costs = model(images, key, tau, train=train, with_costs=with_costs)
   return logits, costs, nnx.state(model, nnx.BatchStat)
 
 

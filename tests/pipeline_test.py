@@ -13,7 +13,6 @@ import report_test
 from conftest import ROOT
 from experiments import pipeline as pipeline_cli
 from experiments.configs import pipeline as pipeline_configs
-from experiments.configs import train as train_configs
 from tas_jax import engine, pipeline, shapes
 
 
@@ -190,6 +189,7 @@ def tiny_config():
     stage.epochs = 2
     stage.batch_size = 32
     stage.eval_batch_size = 200
+    stage.eval_every_epochs = 0
     stage.log_every_steps = 2
   c.search.epochs = 2
   c.search.batch_size = 32

@@ -164,7 +164,7 @@ def test_report_writes_and_references_every_figure(tmp_path):
     with open(os.path.join(root, rel), "rb") as f:
       assert f.read(8) == PNG_MAGIC, rel
   assert not any(name.endswith(".tmp.png") for name in os.listdir(os.path.join(root, "figures")))
-  for needle in ("## Summary", "| unpruned (base) |", "| searched + KD (kd) |", "baseline: Scratch-B",
+  for needle in ("## Summary", "| unpruned (base) |", "| searched + KD (kd) |", "protocol: Scratch-B",
                  "tensorboard --logdir", "python -m tas_jax.report", "python -m experiments.pipeline",
                  "python -m experiments.train", "Inference latency"):
     assert needle in text, needle
@@ -182,7 +182,7 @@ def test_summary_table_values(tmp_path):
   kd = rows["searched + KD (kd)"]
   assert kd["macs"] == cost.count(searched_shape()).macs and kd["top1"] == 0.58 and kd["wall_s"] == 30.0
   assert kd["ratio"] == pytest.approx(kd["macs"] / base["macs"])
-  scratch = rows["baseline: Scratch-E, mean ± std of 2 seeds"]
+  scratch = rows["protocol: Scratch-E, mean ± std of 2 seeds"]
   assert scratch["top1"] == pytest.approx(0.52) and scratch["top1_std"] == pytest.approx(np.std([0.5, 0.54], ddof=1))
   text = open(report.write_report(root)).read()
   assert "| 61.00 |" in text and "| 58.00 |" in text and "52.00 ± 2.83" in text
