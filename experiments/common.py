@@ -106,19 +106,22 @@ def _parse_flags(argv):
     _fail(f"unknown config key {one_line(ValueError(text))}")
 
 
-def _stop_outside_loop(signum, frame):
-  """SIGTERM/SIGINT while no step loop runs (loading data, compiling, writing the final outputs).
+def _stop_outside_loop(hint: str):
+  """The handler of SIGTERM/SIGINT while no step loop runs (loading data, compiling, writing the final outputs).
 
   Nothing is in flight that a checkpoint would keep: steps are saved by the
   loop, whose own handler takes over while it runs, and every file is written
   atomically. So exit at once, as a kill would, but saying so.
   """
-  del frame
-  from tas_jax import engine
-  name = signal.Signals(signum).name
-  os.write(2, (f"\nstopped by {name} outside the training steps (while setting up or writing the final "
-               f"outputs); no finished step is lost. {engine.how_to_resume()}\n").encode())
-  os._exit(PREEMPTED)
+
+  def handle(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    os.write(2, (f"\nstopped by {name} outside the training steps (while setting up or writing the final "
+                 f"outputs); no finished step is lost. {hint}\n").encode())
+    os._exit(PREEMPTED)
+
+  return handle
 
 
 def launch(main):
@@ -141,7 +144,8 @@ def launch(main):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     logging.getLogger("tas_jax").setLevel(logging.INFO)
     engine.set_command(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    previous = {sig: signal.signal(sig, _stop_outside_loop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handler = _stop_outside_loop(engine.how_to_resume())
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
       main(config, _WORKDIR.value)
     except _errors() as e:
@@ -150,8 +154,8 @@ def launch(main):
       _fail("interrupted by a second Ctrl-C before the checkpoint was written: the steps since the last checkpoint "
             f"are lost. {engine.how_to_resume()}", INTERRUPTED)
     finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+      for sig, old in previous.items():
+        signal.signal(sig, old)
 
   try:
     app.run(_main, flags_parser=_parse_flags)

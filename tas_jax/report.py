@@ -594,6 +594,20 @@ def _shape_text(shape: shapes_lib.Shape) -> str:
   return f"widths {list(shape.widths)}, blocks kept per stage {list(shape.blocks)} of {list(shape.layers)}"
 
 
+def _flat_note(data: Mapping[str, Any], tolerance: float = 0.05) -> str:
+  """A caption's remark when the final depth distributions are still close to uniform."""
+  if not data["depth"]:
+    return ""
+  final = np.asarray(data["depth"][-1])
+  stages = np.asarray(data["depth_stage"])
+  counts = np.array([np.sum(stages == s) for s in stages])
+  chosen = counts > 1  # a stage with a single depth choice has nothing to learn
+  if not chosen.any() or np.abs(final - 1.0 / counts)[chosen].max() >= tolerance:
+    return ""
+  return (" In this search the depth probabilities are still within "
+          f"{tolerance:.2f} of uniform at the end, so the blocks kept come from near-ties.")
+
+
 def write_report(pipeline_dir: str) -> str:
   """Write ``pipeline_dir/report.md`` and its figures in ``pipeline_dir/figures``; returns the report's path.
 
@@ -647,7 +661,9 @@ def write_report(pipeline_dir: str) -> str:
           "under the width and depth distributions (dashed), and the target band the cost loss aims for (shaded"
           + (f", [{band[0]:.3f}, {band[1]:.3f}]" if band else "") + "). The star is the shape the search returned"
           + (" after moving it into the band" if search.get("fit_moves") else "")
-          + f" ({search['flops_ratio']:.3f}). Bottom: the Gumbel-softmax temperature tau, one value per epoch.")
+          + f" ({search['flops_ratio']:.3f}). While the distributions are nearly flat the argmax flips between "
+          "almost equally likely candidates, and the cost loss pulls it back whenever it leaves the band. "
+          "Bottom: the Gumbel-softmax temperature tau, one value per epoch.")
   probs = _read_jsonl(os.path.join(workdir, "search", "arch_probs.jsonl"))
   if shape is not None and probs:
     try:
@@ -657,12 +673,13 @@ def write_report(pipeline_dir: str) -> str:
     if ad and ad["epochs"]:
       plot_arch_probs(ad, width_data(shape), os.path.join(fig_dir, "arch_probs.png"),
                       "Architecture distributions at the end of each search epoch")
+      lo, hi = width_colour_range(ad["width_ratio"])
       add("arch_probs.png", "Architecture distributions over the search",
           "Left: for every conv (columns, network order) and search epoch (rows), the expected width under "
           "its learned distribution divided by the unpruned width (the numbers in the cells); the colours span "
-          "the range of these values, so dark marks the convs the search pushes narrowest. Right: the "
-          "probability of each depth choice ('s2:1' = stage 2 keeps 1 block) per epoch; each stage's choices "
-          "sum to 1.")
+          f"the range of these values (here {lo:.3f} to {hi:.3f}), so dark marks the convs the search pushes "
+          "narrowest. Right: the probability of each depth choice ('s2:1' = stage 2 keeps 1 block) per epoch; "
+          "each stage's choices sum to 1." + _flat_note(ad))
   train_curves = {}
   for stage in ("base", "kd"):
     curves_of_stage = training_curves(_read_jsonl(os.path.join(workdir, stage, "metrics.jsonl")))

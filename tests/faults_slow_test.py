@@ -73,16 +73,18 @@ def wait_past_compilation(proc, workdir, inode, resumed: int, limit_s: float = 4
   return False
 
 
-def wait_for_save(proc, workdir, limit_s: float = 60) -> bool:
-  """Until a checkpoint is being written (Orbax's temporary step directory exists)."""
+def wait_for_save(proc, workdir, nth: int, limit_s: float = 120) -> bool:
+  """Until the ``nth`` checkpoint of this process is being written (Orbax's temporary step directory exists)."""
   d = pathlib.Path(workdir) / "checkpoints"
+  seen = set()
   deadline = time.time() + limit_s
   while time.time() < deadline and proc.poll() is None:
     try:
-      if any(".orbax-checkpoint-tmp" in name for name in os.listdir(d)):
-        return True
+      seen.update(name for name in os.listdir(d) if ".orbax-checkpoint-tmp" in name)
     except FileNotFoundError:
       pass
+    if len(seen) >= nth:
+      return True
     time.sleep(0.0005)
   return False
 
@@ -113,7 +115,7 @@ def interrupt_until_done(cmd, workdir, plan, rng, delay_s: float) -> list[dict]:
       assert proc.returncode == 0, "exited before its first step"
       break
     if moment == "save":
-      caught = wait_for_save(proc, workdir)
+      caught = wait_for_save(proc, workdir, rng.randint(1, 4))
     else:
       time.sleep(rng.uniform(0.0, delay_s))
       caught = False

@@ -236,6 +236,10 @@ def test_arch_prob_data_expected_widths():
   np.testing.assert_allclose(d["width_ratio"][0], mean)
   assert d["depth_labels"] == [(s, b) for s in (1, 2, 3) for b in (1, 2, 3)]
   assert d["depth"][0] == [1.0 if b == k else 0.0 for s, k in enumerate(shape.blocks) for b in (1, 2, 3)]
+  assert report._flat_note(d) == ""  # one-hot depths: the search has decided
+  flat = report.arch_prob_data([{"epoch": 0, "width": uniform_w.tolist(),
+                                 "depth": (space.depth_mask / space.depth_mask.sum(1, keepdims=True)).tolist()}], space)
+  assert "near-ties" in report._flat_note(flat)
   with pytest.raises(ValueError, match="do not fit"):
     report.arch_prob_data([{"epoch": 0, "width": [[1.0]], "depth": [[1.0]]}], space)
 
