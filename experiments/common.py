@@ -124,6 +124,24 @@ def _stop_outside_loop(hint: str):
   return handle
 
 
+def _quiet_abandoned_reads(default):
+  """An unraisable-exception hook that drops the noise of a damaged checkpoint.
+
+  When reading a checkpoint fails, Orbax gives up on its event loop while
+  TensorStore still completes the other reads; each completion then fails on
+  the closed loop with a harmless "Event loop is closed" traceback. The
+  failure itself is reported, in one line, by the checkpoint code.
+  """
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    default(unraisable)
+
+  return hook
+
+
 def launch(main):
   """Parse --config/--workdir, run ``main(config, workdir)``; known failures become one line and exit 2."""
 
@@ -144,6 +162,7 @@ def launch(main):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     logging.getLogger("tas_jax").setLevel(logging.INFO)
     engine.set_command(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    sys.unraisablehook = _quiet_abandoned_reads(sys.unraisablehook)
     handler = _stop_outside_loop(engine.how_to_resume())
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -385,8 +385,8 @@ class Checkpointer:
           self._manager.delete(bad)
       return state, meta, step
     raise CorruptCheckpointError(
-        f"none of the checkpoints {steps} in {self.directory} restores; the newest failed with "
-        f"{last_error.reason if last_error else '?'}", reason="all steps are corrupt",
+        f"none of the checkpoints {steps} in {self.directory} restores (the oldest, step {steps[0]}: "
+        f"{last_error.reason if last_error else '?'})", reason="all steps are corrupt",
         previous_step=None, directory=self.directory)
 
   def quarantine(self, step: int) -> str:

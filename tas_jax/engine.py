@@ -250,7 +250,7 @@ def restore(run: Run, ckpt: checkpoint_lib.Checkpointer, state):
   if skipped:
     moved = [ckpt.quarantine(bad) for bad in skipped]
     if run.is_main:
-      reasons = "; ".join(f"step {bad}: {ckpt.skip_reasons.get(bad, '?')}" for bad in skipped)
+      reasons = "; ".join(f"step {bad}: {_clip(ckpt.skip_reasons.get(bad, '?'), 160)}" for bad in skipped)
       names = ", ".join(str(bad) for bad in skipped)
       print(f"warning: checkpoint step {names} in {ckpt.directory} is corrupt ({reasons}); resuming from the "
             f"previous valid checkpoint, step {step}; the corrupt files were moved to "
@@ -259,6 +259,10 @@ def restore(run: Run, ckpt: checkpoint_lib.Checkpointer, state):
   meta = dict(meta)
   run.resumed_loop = meta.pop(LOOP_META, None)
   return restored, meta, step
+
+
+def _clip(text: str, limit: int) -> str:
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def logged(run: Run, step: int, key: str) -> bool:

@@ -332,7 +332,12 @@ def _mix_depths(ends, q, hard: bool):
       out = jnp.where(k == i, ends[i][0], out)
     return out, widths[k]
   c_max = widths.max()
-  out = sum(q[i].astype(f.dtype) * cwi_lib.cwi_up(f, w, c_max) for i, (f, w) in enumerate(ends))
+  c = ends[0][0].shape[-1]
+  # One matmul with the stacked interpolation matrices: dense and fast on every backend, where
+  # per-channel gathers (and their scatter-add gradients) are slow on CPUs.
+  mats = jax.vmap(lambda w: cwi_lib.interpolation_matrix(c, w, c_max))(widths) * q[:, None, None]
+  feats = jnp.concatenate([f for f, _ in ends], axis=-1)  # [B, H, W, K*C]
+  out = jnp.dot(feats, mats.reshape(-1, c).astype(feats.dtype))
   return out, c_max
 
 

@@ -6,8 +6,9 @@
       --config.dataset=../shared/datasets/cifar10-jpeg.tar.gz --workdir runs/demo-cifar
 
 Presets:
-  demo              ResNet-14 on the synthetic task, a few epochs per stage; the
-                    whole pipeline takes a few minutes on two CPU cores.
+  demo              ResNet-14 on 2,500 examples of the synthetic task, 4-5 epochs
+                    per stage; the whole pipeline takes about 6 minutes on two
+                    busy CPU cores, compilation included.
   cifar10-resnet20  the paper's CIFAR-10 ResNet-20 run: official recipes (base and
   cifar10-resnet56  KD: 300 epochs; search: 600 epochs), target FLOPs ratio of the
   cifar100-resnet56 official scripts (0.5 for ResNet-20, 0.47 for ResNet-56).
