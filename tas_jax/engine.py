@@ -318,7 +318,7 @@ class Loop:
   ends. A non-finite loss stops the run (:class:`Diverged`) without saving or
   logging it, keeping the last good checkpoint. SIGTERM/SIGINT finish the
   step, save and exit with code 3 and a line that says how to resume; the
-  stop request is polled every 10 steps and at epoch ends.
+  stop request is polled every 10 steps, at epoch ends and after the last step.
   """
 
   def __init__(self, run: Run, *, total_steps: int, steps_per_epoch: int, log_every: int, checkpoint_every: int,
@@ -392,17 +392,24 @@ class Loop:
           self.save(state, step)
           saved_at = step
         if stop:
-          progress.close()
-          if run.is_main:
-            print(f"stopped by {guard.signal_name} at step {step}/{self.total}; checkpoint of step {step} saved. "
-                  f"{self.resume_hint}", file=sys.stderr, flush=True)
-          raise SystemExit(PREEMPTED)
+          self._preempted(progress, guard, step)
+      # A signal after the last poll: the last step is saved, but what follows
+      # (evaluation, final outputs) may outlast the scheduler's grace period.
+      if step > start_step and guard.should_stop():
+        self._preempted(progress, guard, step)
     progress.close()
     self.finished = end >= self.total
     if end < self.total and run.is_main:
       print(f"stopped after {self.stop_after} steps at step {end}/{self.total}; checkpoint of step {end} saved. "
             f"{self.resume_hint}", file=sys.stderr, flush=True)
     return state
+
+  def _preempted(self, progress, guard, step: int):
+    progress.close()
+    if self.run.is_main:
+      print(f"stopped by {guard.signal_name} at step {step}/{self.total}; checkpoint of step {step} saved. "
+            f"{self.resume_hint}", file=sys.stderr, flush=True)
+    raise SystemExit(PREEMPTED)
 
   def _diverged(self, what: str, finite_at: int, saved_at: int | None) -> Diverged:
     seen = f"the last finite check was at step {finite_at}" if finite_at else "no finite check before it"

@@ -323,17 +323,20 @@ def test_sigterm_saves_says_how_to_resume_and_resumes_exactly(reference, tmp_pat
   cmd = command("train", f"{TRAIN_CONFIG}:resnet8,smoke", workdir, *TRAIN_ARGS)
   proc = start(cmd)
   deadline = time.time() + 300
-  while steps_logged(workdir) < 3 and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  time.sleep(random.Random().uniform(0.0, 0.2))
+  while steps_logged(workdir) < 1 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  time.sleep(random.Random().uniform(0.0, 0.1))
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 3, stderr[-3000:]
   last = stderr.strip().splitlines()[-1]
-  assert last.startswith("stopped by SIGTERM at step ") and "Rerun the same command to resume: " in last, last
-  assert last.endswith(shlex.join(cmd)), last  # the exact command to run again
-  stopped_at = int(last.split("at step ")[1].split("/")[0])
-  assert checkpoint_steps(workdir)[-1] == stopped_at >= 3
+  assert "Rerun the same command to resume: " in last and last.endswith(shlex.join(cmd)), last  # the exact command
+  if last.startswith("stopped by SIGTERM at step "):
+    stopped_at = int(last.split("at step ")[1].split("/")[0])
+  else:  # a fast machine ran all 12 steps first: stopped while writing the outputs, the last step saved
+    assert last.startswith("stopped by SIGTERM outside the training steps"), last
+    stopped_at = 12
+  assert checkpoint_steps(workdir)[-1] == stopped_at >= 1
   assert steps_logged(workdir) == stopped_at  # nothing logged beyond the checkpoint
   again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
