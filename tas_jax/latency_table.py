@@ -196,3 +196,26 @@ def calibrate_tables(space: shapes_lib.SearchSpace, tables: LatencyTables) -> La
   scale = (m1 - m0) / (p1 - p0) if p1 > p0 else 1.0
   scale = min(max(scale, 0.25), 4.0)  # a wild fit means noisy timings: stay near the measured parts
   return dataclasses.replace(tables, scale=scale, offset=m1 - scale * p1)
+
+
+def save_tables(path: str, tables: LatencyTables) -> None:
+  """Write tables (with their calibration) as JSON, atomically, so a resumed search optimises the same costs."""
+  d = {"stem": tables.stem.tolist(), "head": tables.head.tolist(), "offset": tables.offset, "scale": tables.scale,
+       "device": tables.device, "batch_size": tables.batch_size,
+       "convs": {str(k): v.tolist() for k, v in tables.convs.items()},
+       "shortcut": {f"{s},{b}": v.tolist() for (s, b), v in tables.shortcut.items()},
+       "projection": {f"{s},{b}": v.tolist() for (s, b), v in tables.projection.items()}}
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(d, f)
+  os.replace(tmp, path)
+
+
+def load_tables(path: str) -> LatencyTables:
+  with open(path) as f:
+    d = json.load(f)
+  pair = lambda k: tuple(int(v) for v in k.split(","))
+  return LatencyTables(np.array(d["stem"]), {int(k): np.array(v) for k, v in d["convs"].items()},
+                       {pair(k): np.array(v) for k, v in d["shortcut"].items()},
+                       {pair(k): np.array(v) for k, v in d["projection"].items()}, np.array(d["head"]),
+                       float(d["offset"]), d["device"], int(d["batch_size"]), float(d["scale"]))

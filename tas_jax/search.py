@@ -341,6 +341,9 @@ def _latency_tables(config, run_, num_classes):
   from jax.experimental import multihost_utils
   from tas_jax import latency_table
   space = supernet.make_space(base_shape(config, num_classes), supernet_config(config))
+  path = run_.path("latency_tables.json")
+  if os.path.exists(path):  # a resumed search keeps the costs it started with
+    return latency_table.load_tables(path)
   tables = latency_table.build_tables(space, int(config.get("latency_batch", 1)))
   if jax.process_count() > 1:  # timings differ per host; all must optimise the same costs
     flat, tree = jax.tree.flatten((tables.stem, tables.convs, tables.shortcut, tables.projection, tables.head,
@@ -349,6 +352,8 @@ def _latency_tables(config, run_, num_classes):
     stem, convs, sc, proj, head, offset, scale = jax.tree.unflatten(tree, flat)
     tables = dataclasses.replace(tables, stem=stem, convs=convs, shortcut=sc, projection=proj, head=head,
                                  offset=float(offset), scale=float(scale))
+  if run_.is_main:
+    latency_table.save_tables(path, tables)
   return tables
 
 

@@ -109,3 +109,12 @@ def test_vectorised_targets_equal_single_searches():
   width_logits = max(jax.tree.leaves(stacked["arch"]), key=lambda x: x.size)
   a0, a1 = (np.asarray(width_logits[i]) for i in range(2))
   assert np.abs(a0 - a1).max() > 1e-4
+
+
+def test_tables_round_trip_through_json(tables, tmp_path):
+  space, t = tables
+  path = str(tmp_path / "t.json")
+  latency_table.save_tables(path, t)
+  back = latency_table.load_tables(path)
+  shape = shapes.preset("resnet14")
+  assert latency_table.predict(space, back, shape) == latency_table.predict(space, t, shape)
