@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.configs import train as train_configs
 from tas_jax import data, parallel, resnet, search, shapes, train
@@ -34,6 +35,7 @@ def test_bfloat16_training_learns_with_float32_parameters():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_bfloat16_search_step_runs_and_reduces_the_weight_loss():
   mesh = parallel.make_mesh(jax.devices()[:1])
   cfg = tiny_config(dtype="bfloat16", batch_size=32)

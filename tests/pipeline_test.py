@@ -197,6 +197,7 @@ def tiny_config():
   return c
 
 
+@pytest.mark.slow  # `make demo` runs the same stages at full demo size
 def test_end_to_end_on_synthetic_data(tmp_path):
   workdir = str(tmp_path / "p")
   out = pipeline.run(tiny_config(), workdir, command="python -m experiments.pipeline ...")

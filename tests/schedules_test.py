@@ -42,7 +42,7 @@ class TauTest(chex.TestCase):
     np.testing.assert_array_equal(np.round(got, 2), [5.0, 4.67, 2.55, 0.43, 0.10])
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("cosine", ref_tau_cosine, 5.0, 0.1), ("linear", ref_tau_linear, 10.0, 0.1))
+  @parameterized.named_parameters(("cosine", "cosine", ref_tau_cosine, 5.0, 0.1), ("linear", "linear", ref_tau_linear, 10.0, 0.1))
   def test_default_schedules_match_formula(self, name, ref, hi, lo):
     rng = np.random.default_rng(len(name))
     totals = rng.integers(2, 1000, size=20)

@@ -118,6 +118,7 @@ def test_fit_to_band_lands_inside():
 
 
 @pytest.mark.multihost
+@pytest.mark.slow  # tests/multihost_test.py runs two jax.distributed processes in the fast suite
 def test_two_processes_complete_and_agree(tmp_path):
   import portpicker
   port = portpicker.pick_unused_port()
