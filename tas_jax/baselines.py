@@ -677,19 +677,11 @@ def sparsity_train(config, workdir: str, distributed=None) -> dict:
   def save(state, step):
     ckpt.save(step, state, meta={"epoch": step // spe, "step": step}, force=True)
 
-  loop = engine.Loop(run_, total_steps=total, steps_per_epoch=spe, log_every=int(config.log_every_steps),
-                     checkpoint_every=int(config.checkpoint_every_steps), save=save,
-                     on_epoch=lambda state, epoch, averaged: {"mean_abs_gamma": mean_gamma(state["params"])},
-                     describe=lambda step: {"epoch": step // spe}, resume_hint="Rerun the same command to resume.",
-                     stop_after=int(config.get("stop_after_steps", 0) or 0))
-  try:
-    state = loop(state, start, lambda state, step: step_fn(state, next(prefetch), None))
-  finally:
-    prefetch.close()
-    ckpt.wait()
-  if not loop.finished:
-    run_.writer.close()
-    ckpt.close()
+  loop = engine.make_loop(run_, config, total_steps=total, steps_per_epoch=spe, save=save,
+                          on_epoch=lambda state, epoch, averaged: {"mean_abs_gamma": mean_gamma(state["params"])})
+  state = engine.drive(run_, loop, state, start, lambda state, step: step_fn(state, next(prefetch), None),
+                       prefetch, ckpt)
+  if state is None:
     return {"finished": False, "step": min(total, start + loop.stop_after)}
   variables = {"params": state["params"], "stats": state["stats"]}
   top1, top5 = test_eval(variables)

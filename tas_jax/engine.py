@@ -486,3 +486,27 @@ class Evaluator:
       total = total + self._counts(state, b["images"], b["labels"], v)
     hits = np.asarray(jax.device_get(total))
     return float(hits[0] / n), float(hits[1] / n)
+
+
+def make_loop(run: Run, config, *, total_steps: int, steps_per_epoch: int, save: Callable,
+              on_epoch: Callable | None = None) -> Loop:
+  """The step loop of a program, with the cadences and the early stop its config names."""
+  return Loop(run, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=int(config.log_every_steps),
+              checkpoint_every=int(config.checkpoint_every_steps), save=save, on_epoch=on_epoch,
+              describe=lambda step: {"epoch": step // steps_per_epoch},
+              resume_hint="Rerun the same command to resume.",
+              stop_after=int(config.get("stop_after_steps", 0) or 0))
+
+
+def drive(run: Run, loop: Loop, state, start: int, step_fn: Callable, prefetch, ckpt):
+  """Run ``loop`` from ``start``; the final state, or None when it stopped early (outputs closed)."""
+  try:
+    state = loop(state, start, step_fn)
+  finally:
+    prefetch.close()
+    ckpt.wait()
+  if not loop.finished:
+    run.writer.close()
+    ckpt.close()
+    return None
+  return state

@@ -421,9 +421,6 @@ def run(config, workdir: str, distributed=None) -> dict:
     tb, vb = next(prefetch)
     return step_fn(state, tb, vb, taus[epoch])
 
-  def describe(step):
-    return {"epoch": step // spe}
-
   def on_epoch(state, epoch, averaged):
     out = {"tau": tau_at(config, epoch)}
     for i, tag in enumerate(tags):
@@ -443,19 +440,10 @@ def run(config, workdir: str, distributed=None) -> dict:
   def save(state, step):
     ckpt.save(step, state, meta={"epoch": step // spe, "step": step}, force=True)
 
-  loop = engine.Loop(run_, total_steps=total, steps_per_epoch=spe, log_every=int(config.log_every_steps),
-                     checkpoint_every=int(config.checkpoint_every_steps), save=save, on_epoch=on_epoch,
-                     describe=describe, resume_hint="Rerun the same command to resume.",
-                     stop_after=int(config.get("stop_after_steps", 0) or 0))
-  try:
-    state = loop(state, start, one_step)
-  finally:
-    prefetch.close()
-    ckpt.wait()
-  if not loop.finished:
-    run_.writer.close()
-    ckpt.close()
-    return {"finished": False, "step": start + loop.stop_after}
+  loop = engine.make_loop(run_, config, total_steps=total, steps_per_epoch=spe, save=save, on_epoch=on_epoch)
+  state = engine.drive(run_, loop, state, start, one_step, prefetch, ckpt)
+  if state is None:
+    return {"finished": False, "step": min(total, start + loop.stop_after)}
   results = []
   for i, (ratio, tag) in enumerate(zip(targets, tags)):
     st = per_target(state, i)

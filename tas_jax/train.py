@@ -690,18 +690,9 @@ def run(config, workdir: str, distributed=None) -> dict:
       ckpt.save(step, state, meta={"epoch": step // spe, "step": step, "best": best, "train_s": clock.seconds(),
                                    "images": images_before + (step - start) * bs}, force=True)
 
-  loop = engine.Loop(run_, total_steps=total, steps_per_epoch=spe, log_every=int(config.log_every_steps),
-                     checkpoint_every=int(config.checkpoint_every_steps), save=save, on_epoch=on_epoch,
-                     describe=lambda step: {"epoch": step // spe}, resume_hint="Rerun the same command to resume.",
-                     stop_after=int(config.get("stop_after_steps", 0) or 0))
-  try:
-    state = loop(state, start, one_step)
-  finally:
-    prefetch.close()
-    ckpt.wait()
-  if not loop.finished:
-    run_.writer.close()
-    ckpt.close()
+  loop = engine.make_loop(run_, config, total_steps=total, steps_per_epoch=spe, save=save, on_epoch=on_epoch)
+  state = engine.drive(run_, loop, state, start, one_step, prefetch, ckpt)
+  if state is None:
     return {"finished": False, "step": min(total, start + loop.stop_after)}
   train_s = clock.seconds()
   images = images_before + (total - start) * bs
