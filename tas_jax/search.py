@@ -26,6 +26,7 @@ from flax import nnx
 
 from tas_jax import cost as cost_lib
 from tas_jax import data as data_lib
+from tas_jax import distill
 from tas_jax import engine
 from tas_jax import optim
 from tas_jax import parallel
@@ -42,10 +43,6 @@ FINGERPRINT_KEYS = ("model", "dataset", "num_train_examples", "mode", "target_fl
                     "tau_min", "cost_band", "cost_tolerance", "cost_weight", "exact_cost", "num_sampled",
                     "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype", "split_seed",
                     "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn")
-
-
-def cross_entropy(logits, labels):
-  return -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=1).mean()
 
 
 def accuracy(logits, labels):
@@ -199,7 +196,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
 
   def weight_loss(weights):
     logits, _, new_stats = supernet.apply(g, weights, arch, stats, xt, k_w, tau, train=True, with_costs=False)
-    return cross_entropy(logits, train_batch["labels"]), (new_stats, logits)
+    return distill.cross_entropy(logits, train_batch["labels"]), (new_stats, logits)
 
   (w_loss, (stats_w, logits_t)), grads = jax.value_and_grad(weight_loss, has_aux=True)(state["weights"])
   updates, w_opt = problem.w_tx.update(grads, state["w_opt"], state["weights"])
@@ -207,7 +204,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
 
   def arch_loss(arch):
     logits, costs, new_stats = supernet.apply(g, weights, arch, stats_w, xv, k_a, tau, train=True)
-    ce = cross_entropy(logits, valid_batch["labels"])
+    ce = distill.cross_entropy(logits, valid_batch["labels"])
     expected, discrete = _costs(problem, nnx.merge(g, weights, arch, stats_w, copy=True), costs)
     c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_macs, band=problem.band,
                                 tolerance=problem.tolerance, weight=problem.cost_weight)
