@@ -66,6 +66,10 @@ class SupernetConfig:
     bn_groups: 0 normalises with statistics of the whole global batch (sync
       batch norm); G > 0 with statistics of G equal slices of it, as G-GPU
       DataParallel does (official runs: 2).
+    unbiased_var: running variances are updated with the unbiased batch
+      variance (n / (n - 1) times the biased one), as PyTorch's batch norm
+      does; False uses the biased one. Only eval-mode forwards (search-time
+      validation, the exported network's statistics) see the difference.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
   """
 
@@ -78,6 +82,7 @@ class SupernetConfig:
   shortcut_bn: bool = True
   exact_cost: bool = True
   bn_groups: int = 0
+  unbiased_var: bool = True
   dtype: object = None
 
   def __post_init__(self):
@@ -130,7 +135,8 @@ class SuperConv(nnx.Module):
       self.mean = nnx.BatchStat(jnp.zeros((k, cout), jnp.float32))
       self.var = nnx.BatchStat(jnp.ones((k, cout), jnp.float32))
 
-  def __call__(self, x, idx, width, weight, *, train: bool, groups: int, relu: bool, hard: bool, dtype):
+  def __call__(self, x, idx, width, weight, *, train: bool, groups: int, relu: bool, hard: bool, dtype,
+               unbiased_var: bool = True):
     """Conv, candidate batch norms, CWI to the widest drawn width, weighted sum.
 
     Returns the output (zero beyond its width) and that width (a traced int).
@@ -148,7 +154,9 @@ class SuperConv(nnx.Module):
       scale, bias = self.scale[...][idx], self.bias[...][idx]  # [k, C]
       if train:
         mean, var = _moments(y, groups)  # [G, C]
-        self._update_stats(idx, mean.mean(0), var.mean(0))
+        n = y.shape[0] // max(groups, 1) * y.shape[1] * y.shape[2]
+        running_var = var.mean(0) * (n / max(n - 1, 1) if unbiased_var else 1.0)
+        self._update_stats(idx, mean.mean(0), running_var)
         inv = jax.lax.rsqrt(var + resnet_lib.BN_EPSILON)[:, None]  # [G, 1, C]
         a = inv * scale[None]
         b = bias[None] - mean[:, None] * a
@@ -203,16 +211,16 @@ class SuperBlock(nnx.Module):
     self.shortcut = SuperConv(spec.nominal_in, spec.nominal_out, 1, 1 if pool or spec.stride == 1 else spec.stride,
                               k, bn=config.shortcut_bn, pool=pool, rngs=rngs) if has_conv else None
 
-  def __call__(self, x, x_width, sel: Selection, *, train, groups, block_relu, dtype):
+  def __call__(self, x, x_width, sel: Selection, *, train, groups, block_relu, dtype, unbiased_var=True):
     y, w = x, x_width
     n = len(self.convs)
     for i, (conv, ci) in enumerate(zip(self.convs, self.conv_ids)):
       y, w = conv(y, sel.idx[ci], sel.width[ci], sel.weight[ci], train=train, groups=groups, relu=i < n - 1,
-                  hard=sel.hard, dtype=dtype)
+                  hard=sel.hard, dtype=dtype, unbiased_var=unbiased_var)
     last = self.conv_ids[-1]
     if self.shortcut is not None:
       s, sw = self.shortcut(x, sel.idx[last], sel.width[last], sel.weight[last], train=train, groups=groups,
-                            relu=False, hard=sel.hard, dtype=dtype)
+                            relu=False, hard=sel.hard, dtype=dtype, unbiased_var=unbiased_var)
     elif sel.hard:  # the pruned net's identity or identity-initialised projection: first w channels of x
       s = jnp.where(jax.lax.iota(jnp.int32, x.shape[-1]) < w, x, 0).astype(y.dtype)
       sw = w
@@ -292,7 +300,7 @@ class Supernet(nnx.Module):
   def forward(self, images, sel: Selection, *, train: bool, with_costs: bool = True):
     cfg, space, lay = self.config, self.space, self.space.layout
     groups = cfg.bn_groups if train else 0
-    kw = dict(train=train, groups=groups, dtype=cfg.dtype)
+    kw = dict(train=train, groups=groups, dtype=cfg.dtype, unbiased_var=cfg.unbiased_var)
     x, w = self.stem(images, sel.idx[0], sel.width[0], sel.weight[0], relu=True, hard=sel.hard, **kw)
     if space.base.arch == "imagenet":
       x = resnet_lib.max_pool3s2(x)
