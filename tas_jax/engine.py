@@ -452,18 +452,20 @@ class Evaluator:
   """Top-1 and top-5 accuracy of ``logits_fn(state, images_uint8)`` over examples of a split.
 
   Batches have one static size (the last one padded and masked), so the
-  jitted evaluation compiles once.
+  jitted evaluation compiles once. With ``with_index`` the function also gets
+  the batch's position, ``logits_fn(state, images, index)``, for evaluations
+  that draw randomness per batch.
   """
 
   def __init__(self, run: Run, dataset: data_lib.Dataset, split: str, indices: np.ndarray, batch_size: int,
-               logits_fn: Callable):
+               logits_fn: Callable, with_index: bool = False):
     self.run, self.dataset, self.split = run, dataset, split
     self.indices = np.asarray(indices)
     self.batch_size = batch_size
     repl = parallel.replicated(run.mesh)
 
-    def counts(state, images, labels, valid):
-      logits = logits_fn(state, images).astype(jnp.float32)
+    def counts(state, images, labels, valid, index):
+      logits = (logits_fn(state, images, index) if with_index else logits_fn(state, images)).astype(jnp.float32)
       top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
       hit1 = (top5[:, 0] == labels) & valid
       hit5 = (top5 == labels[:, None]).any(-1) & valid
@@ -483,7 +485,7 @@ class Evaluator:
       idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[0])])
       b = device_batch(self.run, self.dataset, self.split, idx, augment=False)
       v = parallel.global_batch(self.run.mesh, data_lib.process_slice(valid, jax.process_index(), jax.process_count()))
-      total = total + self._counts(state, b["images"], b["labels"], v)
+      total = total + self._counts(state, b["images"], b["labels"], v, jnp.int32(start))
     hits = np.asarray(jax.device_get(total))
     return float(hits[0] / n), float(hits[1] / n)
 

@@ -8,8 +8,10 @@ architecture logits. Decay applies to every parameter, BN and biases included.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
+import jax
+import jax.numpy as jnp
 import optax
 
 LearningRate = Union[float, Callable[[int], float]]
@@ -55,3 +57,31 @@ def arch_optimizer(
       optax.add_decayed_weights(weight_decay),
       optax.adam(lr, b1=b1, b2=b2, eps=eps),
   )
+
+
+def masked_update(tx: optax.GradientTransformation, grads, opt_state, params, mask) -> tuple[Any, Any]:
+  """One step of ``tx`` that leaves the entries where ``mask`` is False untouched.
+
+  PyTorch's optimisers skip a parameter whose gradient is None (one the
+  forward did not use): no weight decay, no momentum step, no moment update.
+  ``mask`` is a tree like ``params`` whose boolean leaves broadcast against
+  them; where it is False the parameter keeps its value and every optimiser
+  state entry shaped like the parameters (momentum, moments) keeps its value.
+  Scalar state such as the step count advances as usual.
+
+  Returns ``(new_params, new_opt_state)``.
+  """
+  updates, new_state = tx.update(grads, opt_state, params)
+  updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
+  treedef = jax.tree.structure(params)
+
+  def params_like(node) -> bool:
+    return jax.tree.structure(node) == treedef
+
+  def keep(new, old):
+    if params_like(new):
+      return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new, old, mask)
+    return new
+
+  new_state = jax.tree.map(keep, new_state, opt_state, is_leaf=params_like)
+  return optax.apply_updates(params, updates), new_state

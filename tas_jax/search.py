@@ -42,7 +42,8 @@ FINGERPRINT_KEYS = ("model", "dataset", "num_train_examples", "mode", "target_fl
                     "batch_size", "lr", "weight_decay", "arch_lr", "arch_weight_decay", "tau_schedule", "tau_max",
                     "tau_min", "cost_band", "cost_tolerance", "cost_weight", "exact_cost", "num_sampled",
                     "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype", "split_seed",
-                    "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn")
+                    "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn",
+                    "freeze_undrawn_bn", "unbiased_var", "valid_sampling")
 
 
 def accuracy(logits, labels):
@@ -56,7 +57,8 @@ def supernet_config(config) -> supernet.SupernetConfig:
   return supernet.SupernetConfig(mode=config.mode, num_sampled=config.num_sampled,
                                  width_multiple=config.width_multiple, block_relu=config.block_relu,
                                  shortcut_bn=config.shortcut_bn, exact_cost=config.exact_cost,
-                                 bn_groups=config.bn_groups, dtype=dtype)
+                                 bn_groups=config.bn_groups, unbiased_var=bool(config.get("unbiased_var", True)),
+                                 dtype=dtype)
 
 
 def base_shape(config, num_classes: int) -> shapes.Shape:
@@ -122,10 +124,15 @@ class Problem:
   streaming: bool
   seed: int
   arch_bn: bool
+  freeze_undrawn: bool = True
   tables: Any = None  # latency_table.LatencyTables for a latency-aware search, else None (MACs)
 
 
 COSTS = ("macs", "latency")
+VALID_SAMPLING = ("replacement", "shuffle")
+# Official best genotype: the best search-validation accuracy among epochs whose cost ratio lies within this
+# distance of the target (a symmetric band, unlike the cost loss's).
+BEST_BAND = 0.05
 
 
 def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3, streaming=False,
@@ -152,7 +159,8 @@ def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(
     max_cost = _latency_of(model.space, tables, base)
   problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, max_cost, target_ratios(config)[0] * max_cost,
                     config.cost_band, float(config.cost_tolerance), float(config.cost_weight), tuple(mean), tuple(std),
-                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)), tables)
+                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)),
+                    bool(config.get("freeze_undrawn_bn", True)), tables)
   state = {"weights": weights, "arch": arch, "stats": stats, "w_opt": w_tx.init(weights), "a_opt": a_tx.init(arch),
            "step": jnp.zeros((), jnp.int32)}
   return problem, state
@@ -178,50 +186,90 @@ def _costs(problem: Problem, model: supernet.Supernet, forward_costs=None):
   return expected, jax.lax.stop_gradient(discrete)
 
 
-def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=None):
-  """One TAS iteration: a weight step on ``train_batch``, then an architecture step on ``valid_batch``.
+def weight_step(problem: Problem, state, batch, keys, tau):
+  """The weight half of an iteration: SGD on the weights, cross-entropy on a training-half batch.
 
-  Pure; returns ``(new_state, metrics)``. ``tau`` and ``target`` (the cost
-  target; default the problem's) are traced scalars, so one compiled step
-  serves every epoch, and ``jax.vmap`` over states and targets searches for
-  several targets at once.
+  Draws its own Gumbel sample (``keys = (augmentation key, sample key)``) and
+  updates the weights, their optimiser state and the running statistics;
+  the architecture and its optimiser state are left as they are. With
+  ``problem.freeze_undrawn`` the batch-norm rows of candidates not drawn keep
+  their values and momentum (PyTorch skips parameters without a gradient).
+  Returns ``(new_state, metrics)``.
   """
-  target = problem.target_macs if target is None else target
-  g = problem.graphdef
-  key = jax.random.fold_in(jax.random.key(problem.seed), state["step"])
-  k_aug_t, k_aug_v, k_w, k_a = jax.random.split(key, 4)
-  xt = _augment(problem, k_aug_t, train_batch["images"])
-  xv = _augment(problem, k_aug_v, valid_batch["images"])
-  arch, stats = state["arch"], state["stats"]
+  k_aug, k_sample = keys
+  x = _augment(problem, k_aug, batch["images"])
 
-  def weight_loss(weights):
-    logits, _, new_stats = supernet.apply(g, weights, arch, stats, xt, k_w, tau, train=True, with_costs=False)
-    return distill.cross_entropy(logits, train_batch["labels"]), (new_stats, logits)
+  def loss_fn(weights):
+    model = nnx.merge(problem.graphdef, weights, state["arch"], state["stats"], copy=True)
+    sel = model.sample(k_sample, tau)
+    logits, _ = model.forward(x, sel, train=True, with_costs=False)
+    return distill.cross_entropy(logits, batch["labels"]), (nnx.state(model, nnx.BatchStat), logits, sel.idx)
 
-  (w_loss, (stats_w, logits_t)), grads = jax.value_and_grad(weight_loss, has_aux=True)(state["weights"])
-  updates, w_opt = problem.w_tx.update(grads, state["w_opt"], state["weights"])
-  weights = optax.apply_updates(state["weights"], updates)
+  (loss, (stats, logits, idx)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["weights"])
+  if problem.freeze_undrawn:
+    model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+    weights, w_opt = optim.masked_update(problem.w_tx, grads, state["w_opt"], state["weights"],
+                                         supernet.drawn_mask(model, idx))
+  else:
+    updates, w_opt = problem.w_tx.update(grads, state["w_opt"], state["weights"])
+    weights = optax.apply_updates(state["weights"], updates)
+  new_state = {**state, "weights": weights, "w_opt": w_opt, "stats": stats}
+  return new_state, {"weight_loss": loss, "train_acc": accuracy(logits, batch["labels"])}
 
-  def arch_loss(arch):
-    logits, costs, new_stats = supernet.apply(g, weights, arch, stats_w, xv, k_a, tau, train=True)
-    ce = distill.cross_entropy(logits, valid_batch["labels"])
-    expected, discrete = _costs(problem, nnx.merge(g, weights, arch, stats_w, copy=True), costs)
+
+def arch_step(problem: Problem, state, batch, keys, tau, target):
+  """The architecture half: Adam on the width and depth logits, on a validation-half batch.
+
+  The loss is cross-entropy plus ``cost_weight`` times the cost loss, whose
+  sign the discrete cost of the architecture entering the step decides
+  (:func:`tas_jax.cost.cost_loss`). Weights and their optimiser state are left
+  as they are; the running statistics take this forward's update only with
+  ``problem.arch_bn`` (the official code runs both forwards in train mode).
+  Returns ``(new_state, metrics)``.
+  """
+  k_aug, k_sample = keys
+  x = _augment(problem, k_aug, batch["images"])
+  g, weights, stats = problem.graphdef, state["weights"], state["stats"]
+
+  def loss_fn(arch):
+    logits, costs, new_stats = supernet.apply(g, weights, arch, stats, x, k_sample, tau, train=True)
+    ce = distill.cross_entropy(logits, batch["labels"])
+    expected, discrete = _costs(problem, nnx.merge(g, weights, arch, stats, copy=True), costs)
     c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_macs, band=problem.band,
                                 tolerance=problem.tolerance, weight=problem.cost_weight)
     return ce + c_loss, (new_stats, ce, c_loss, expected, logits)
 
-  (a_loss, (stats_a, a_ce, c_loss, expected, logits_v)), a_grads = jax.value_and_grad(arch_loss, has_aux=True)(arch)
-  a_updates, a_opt = problem.a_tx.update(a_grads, state["a_opt"], arch)
-  arch = optax.apply_updates(arch, a_updates)
-  new_stats = stats_a if problem.arch_bn else stats_w
-  model = nnx.merge(g, weights, arch, new_stats, copy=True)
+  (loss, (new_stats, ce, c_loss, expected, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["arch"])
+  updates, a_opt = problem.a_tx.update(grads, state["a_opt"], state["arch"])
+  arch = optax.apply_updates(state["arch"], updates)
+  new_state = {**state, "arch": arch, "a_opt": a_opt, "stats": new_stats if problem.arch_bn else stats}
+  return new_state, {"arch_loss": loss, "arch_ce": ce, "cost_loss": c_loss, "expected_flops_ratio":
+                     expected / problem.max_macs, "valid_batch_acc": accuracy(logits, batch["labels"])}
+
+
+def step_keys(problem: Problem, step):
+  """The four keys of an iteration: augmentation and sample of the weight step, then of the architecture step."""
+  key = jax.random.fold_in(jax.random.key(problem.seed), step)
+  k_aug_t, k_aug_v, k_w, k_a = jax.random.split(key, 4)
+  return (k_aug_t, k_w), (k_aug_v, k_a)
+
+
+def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=None):
+  """One TAS iteration: :func:`weight_step` on ``train_batch``, then :func:`arch_step` on ``valid_batch``.
+
+  Pure; returns ``(new_state, metrics)``. ``tau`` and ``target`` (the cost
+  target; default the problem's) are traced scalars, so one compiled step
+  serves every epoch, and ``jax.vmap`` over states and targets searches for
+  several targets at once. Keys come from ``fold_in(seed, step)``.
+  """
+  target = problem.target_macs if target is None else target
+  w_keys, a_keys = step_keys(problem, state["step"])
+  state, w_metrics = weight_step(problem, state, train_batch, w_keys, tau)
+  state, a_metrics = arch_step(problem, state, valid_batch, a_keys, tau, target)
+  model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
   _, discrete = _costs(problem, model)
-  new_state = {"weights": weights, "arch": arch, "stats": new_stats, "w_opt": w_opt, "a_opt": a_opt,
-               "step": state["step"] + 1}
-  metrics = {"weight_loss": w_loss, "arch_loss": a_loss, "arch_ce": a_ce, "cost_loss": c_loss,
-             "train_acc": accuracy(logits_t, train_batch["labels"]),
-             "valid_batch_acc": accuracy(logits_v, valid_batch["labels"]),
-             "expected_flops_ratio": expected / problem.max_macs, "flops_ratio": discrete / problem.max_macs,
+  new_state = {**state, "step": state["step"] + 1}
+  metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_macs,
              "lr": problem.lr_fn(state["step"]), "tau": jnp.asarray(tau, jnp.float32)}
   return new_state, metrics
 
@@ -321,6 +369,53 @@ def argmax_shape(problem: Problem, state) -> shapes.Shape:
   return model.argmax_shape()
 
 
+# Validation draws its Gumbel samples and augmentation from a key stream of its own.
+VALIDATION_STREAM = 1 << 30
+
+
+def _model(problem: Problem, state) -> supernet.Supernet:
+  return nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+
+
+def stochastic_logits_fn(problem: Problem):
+  """Search validation as the official code computes it: the stochastic forward at the epoch's tau, eval mode.
+
+  Takes ``((state, key, tau), images, batch_index)``: the images get the
+  training augmentation (the official validation half is augmented) and a
+  fresh Gumbel sample per batch, from ``fold_in(key, batch_index)``.
+  """
+
+  def fn(packed, images, index):
+    state, key, tau = packed
+    k_aug, k_sample = jax.random.split(jax.random.fold_in(key, index))
+    x = _augment(problem, k_aug, images)
+    logits, _, _ = supernet.apply(problem.graphdef, state["weights"], state["arch"], state["stats"], x, k_sample,
+                                  tau, train=False, with_costs=False)
+    return logits
+
+  return fn
+
+
+def best_genotype(path: str, target: float, multi_target: float | None = None) -> dict | None:
+  """The official best genotype: highest search-validation accuracy among epochs within BEST_BAND of the target.
+
+  Reads the per-epoch records of ``genotypes.jsonl`` (those of
+  ``multi_target`` in a several-target run); None when no epoch qualifies.
+  Ties go to the later epoch.
+  """
+  if not os.path.exists(path):
+    return None
+  best = None
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      if multi_target is not None and rec.get("target") != multi_target:
+        continue
+      if abs(rec["flops_ratio"] - target) <= BEST_BAND + 1e-12 and (best is None or rec["val_acc"] >= best["val_acc"]):
+        best = rec
+  return best
+
+
 def hard_logits_fn(problem: Problem):
   """Logits of the argmax network in eval mode, for evaluation."""
 
@@ -376,7 +471,11 @@ def run(config, workdir: str, distributed=None) -> dict:
   if len(train_half) < bs or len(valid_half) < bs:
     raise engine.RunError(f"batch_size {bs} exceeds a half of the training set ({len(train_half)} examples)")
   t_batches = data_lib.Batches(len(train_half), bs, seed=int(config.seed))
-  v_batches = data_lib.Batches(len(valid_half), bs, seed=int(config.seed) + 1)
+  sampling_kind = config.get("valid_sampling", "replacement")
+  if sampling_kind not in VALID_SAMPLING:
+    raise engine.RunError(f"valid_sampling must be one of {VALID_SAMPLING}, got {sampling_kind!r}")
+  v_batches = data_lib.Batches(len(valid_half), bs, seed=int(config.seed) + 1,
+                               replacement=sampling_kind == "replacement")
   spe = t_batches.steps_per_epoch
   total = spe * int(config.epochs)
   tables = _latency_tables(config, run_, dataset.num_classes) if cost_kind == "latency" else None
@@ -393,13 +492,16 @@ def run(config, workdir: str, distributed=None) -> dict:
   ckpt = engine.open_checkpoints(run_, fp)
   state, meta, start = engine.restore(run_, ckpt, state)
   # Epochs the run is about to repeat would otherwise be logged twice.
-  engine.keep_records(run_, "arch_probs.jsonl", lambda r: (int(r.get("epoch", -1)) + 1) * spe <= start)
+  for name in ("arch_probs.jsonl", "genotypes.jsonl"):
+    engine.keep_records(run_, name, lambda r: (int(r.get("epoch", -1)) + 1) * spe <= start)
   if start:
     log.info("resuming at step %d of %d", start, total)
   step_fn = compile_step(problem, run_.mesh, targets=target_costs if multi else None)
   os.makedirs(run_.path("shapes"), exist_ok=True)
   eval_idx = valid_half[: int(config.get("eval_examples") or len(valid_half))]
   eval_fn = engine.Evaluator(run_, dataset, "train", eval_idx, bs, hard_logits_fn(problem))
+  search_eval_fn = engine.Evaluator(run_, dataset, "train", eval_idx, bs, stochastic_logits_fn(problem),
+                                    with_index=True)
   tags = [_tag(t) for t in targets]
   per_target = (lambda st, i: jax.tree.map(lambda x: x[i], st)) if multi else (lambda st, i: st)
 
@@ -419,19 +521,27 @@ def run(config, workdir: str, distributed=None) -> dict:
     return step_fn(state, tb, vb, taus[epoch])
 
   def on_epoch(state, epoch, averaged):
-    out = {"tau": tau_at(config, epoch)}
+    tau = tau_at(config, epoch)
+    out = {"tau": tau}
     for i, tag in enumerate(tags):
       st = per_target(state, i)
       shape = argmax_shape(problem, st)
       suffix = f"_{tag}" if multi else ""
-      top1, _ = eval_fn(st)
-      out.update({f"val_acc{suffix}": top1, f"flops_ratio_exact{suffix}": _cost_of(problem, shape) / problem.max_macs,
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(problem.seed), VALIDATION_STREAM), epoch)
+      val_acc, _ = search_eval_fn((st, key, jnp.float32(tau)))
+      argmax_acc, _ = eval_fn(st)
+      ratio = float(_costs(problem, _model(problem, st))[1]) / problem.max_macs
+      out.update({f"val_acc{suffix}": val_acc, f"val_acc_argmax{suffix}": argmax_acc,
+                  f"flops_ratio_exact{suffix}": _cost_of(problem, shape) / problem.max_macs,
                   f"macs{suffix}": cost_lib.count(shape).macs})
       if run_.is_main:
         shapes.save(shape, run_.path("shapes", f"epoch_{epoch:03d}{suffix}.json"))
+        target = {"target": targets[i]} if multi else {}
         with open(run_.path("arch_probs.jsonl"), "a") as f:
-          rec = {"epoch": epoch, **({"target": targets[i]} if multi else {}), **arch_probabilities(problem, st)}
-          f.write(json.dumps(rec) + "\n")
+          f.write(json.dumps({"epoch": epoch, **target, **arch_probabilities(problem, st)}) + "\n")
+        with open(run_.path("genotypes.jsonl"), "a") as f:
+          f.write(json.dumps({"epoch": epoch, **target, "val_acc": val_acc, "flops_ratio": ratio,
+                              "shape": f"shapes/epoch_{epoch:03d}{suffix}.json"}) + "\n")
     return out
 
   def save(state, step):
@@ -464,11 +574,17 @@ def run(config, workdir: str, distributed=None) -> dict:
       r.update({"predicted_latency_ms": value * 1e3, "measured_latency_ms": measured,
                 "latency_error": (value * 1e3 - measured) / measured,
                 "unpruned_predicted_latency_ms": problem.max_macs * 1e3})
+    name = f"shape_{tag}.json" if multi else "shape.json"
+    best = best_genotype(run_.path("genotypes.jsonl"), ratio, targets[i] if multi else None)
     if run_.is_main:
-      name = f"shape_{tag}.json" if multi else "shape.json"
       shapes.save(shape, run_.path(name))
       shapes.save(argmax, run_.path(name.replace("shape", "shape_argmax")))
-    r["shape_file"] = f"shape_{tag}.json" if multi else "shape.json"
+      if best is not None:
+        shapes.save(shapes.load(run_.path(best["shape"])), run_.path(name.replace("shape", "shape_best")))
+    r["shape_file"] = name
+    if best is not None:
+      r.update({"best_file": name.replace("shape", "shape_best"), "best_epoch": best["epoch"],
+                "best_val_acc": best["val_acc"], "best_flops_ratio": best["flops_ratio"]})
     results.append(r)
   result = {"finished": True, "epochs": int(config.epochs), "steps": total, "model": config.model,
             "dataset": dataset.name, "wall_s": time.time() - t_start, "cost": cost_kind}

@@ -349,6 +349,35 @@ def _mix_depths(ends, q, hard: bool):
   return out, c_max
 
 
+def candidate_rows(model: Supernet):
+  """(SuperConv, width-table row) of every searchable conv; a shortcut shares its block's last conv's row."""
+  pairs = [(model.stem, 0)]
+  for spec, block in zip(model.space.layout.blocks, model.blocks):
+    pairs += list(zip(block.convs, spec.convs))
+    if block.shortcut is not None:
+      pairs.append((block.shortcut, spec.convs[-1]))
+  return pairs
+
+
+def drawn_mask(model: Supernet, idx) -> nnx.State:
+  """Which weights a forward with the drawn candidates ``idx`` [L, k] used, as a tree like the weights.
+
+  False only for the batch-norm scales and offsets of the candidates not
+  drawn: the official code gives every candidate its own batch-norm module,
+  so those get no gradient and PyTorch's optimiser leaves them untouched
+  (see :func:`tas_jax.optim.masked_update`). Everything else is used.
+  """
+  k = model.space.width_table.shape[1]
+  drawn = (jnp.asarray(idx)[..., None] == jnp.arange(k)).any(axis=1)  # [L, K]
+  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+  mask = nnx.merge(graphdef, jax.tree.map(lambda _: jnp.ones((), bool), weights), rest, copy=True)
+  for conv, row in candidate_rows(mask):
+    if conv.has_bn:
+      conv.scale.set_value(drawn[row][:, None])
+      conv.bias.set_value(drawn[row][:, None])
+  return nnx.state(mask, nnx.Param)
+
+
 # ----------------------------------------------------------------------------- functional interface
 
 def split(model: Supernet):

@@ -98,3 +98,22 @@ class ArchOptimizerTest(chex.TestCase):
     tx = optim.arch_optimizer()
     updates, _ = tx.update(jnp.zeros(3), tx.init(p), p)
     chex.assert_trees_all_close(updates, -1e-3 * jnp.sign(p), rtol=1e-4)
+
+
+def test_masked_update_skips_rows_as_torch_skips_parameters_without_gradient():
+  """Catches: masked rows still decayed, or their momentum buffer advanced while they were not used, so that
+  the step where they are used again moves them by a stale momentum (each row here is one torch parameter)."""
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=(3, 4)).astype(np.float32)
+  grads = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(4)]
+  used = [np.array([1, 0, 1], bool), np.array([1, 0, 0], bool), np.array([1, 1, 1], bool),
+          np.array([0, 1, 1], bool)]
+  tx = optim.weight_optimizer(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+  params, state = {"w": jnp.asarray(p0)}, tx.init({"w": jnp.asarray(p0)})
+  for g, u in zip(grads, used):
+    params, state = optim.masked_update(tx, {"w": jnp.asarray(g * u[:, None])}, state, params,
+                                        {"w": jnp.asarray(u)[:, None]})
+  for row in range(3):
+    steps = [(g[row], 0.1) for g, u in zip(grads, used) if u[row]]
+    expected = torch_sgd(p0[row], [g for g, _ in steps], [lr for _, lr in steps], 0.9, 5e-4, True)
+    np.testing.assert_allclose(np.asarray(params["w"][row]), expected, rtol=1e-5, atol=1e-6)

@@ -30,9 +30,12 @@ class Batches:
     batch_size: global batch size; the last incomplete batch of an epoch is dropped.
     seed: seed of the per-epoch permutations.
     shuffle: permute each epoch; otherwise every epoch is ``0 .. n-1`` in order.
+    replacement: every batch is drawn uniformly with replacement (seeded by the
+      step), as the official search draws its validation-half images.
   """
 
-  def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True):
+  def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
+               replacement: bool = False):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_examples < batch_size:
@@ -41,6 +44,7 @@ class Batches:
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
+    self.replacement = bool(replacement)
     self.steps_per_epoch = self.num_examples // self.batch_size
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
@@ -68,6 +72,8 @@ class Batches:
     """int64 ``[batch_size]`` example indices of the global batch at ``step``."""
     if step < 0:
       raise ValueError(f"step must be non-negative, got {step}")
+    if self.replacement:
+      return np.random.default_rng([self.seed, int(step), 1]).integers(0, self.num_examples, self.batch_size)
     epoch, position = divmod(int(step), self.steps_per_epoch)
     start = position * self.batch_size
     return self.permutation(epoch)[start:start + self.batch_size]
