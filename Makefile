@@ -7,7 +7,11 @@ WORKDIR ?= runs/demo
 DATA ?=
 DATASET ?=
 
-.PHONY: venv test test-slow demo clean
+PARITY_VENV := .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+PARITY_STAMP := $(PARITY_VENV)/.installed
+
+.PHONY: venv test test-slow demo parity-fixtures clean
 
 venv: $(STAMP)
 
@@ -32,5 +36,17 @@ demo: $(STAMP)
 	$(PY) -m experiments.pipeline --config experiments/configs/pipeline.py:demo --workdir $(DEMO_DIR) $(DEMO_ARGS) $(ARGS)
 	@echo "report: $(DEMO_DIR)/report.md (figures in $(DEMO_DIR)/figures; curves: tensorboard --logdir $(DEMO_DIR))"
 
+# Reference numbers from the published TAS code (xautodl 1.0.0, on torch) for tests/parity_test.py, in a
+# virtual environment of its own: the project never depends on torch. xautodl pins numpy<=1.19.5, which
+# does not build for current Pythons; the parts used here need only torch, so it is installed without deps.
+$(PARITY_STAMP):
+	test -x $(PARITY_PY) || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 numpy==2.4.6
+	$(PARITY_PY) -m pip install --quiet --disable-pip-version-check --no-deps xautodl==1.0.0
+	touch $(PARITY_STAMP)
+
+parity-fixtures: $(PARITY_STAMP)
+	$(PARITY_PY) tools/parity/make_fixtures.py --out tests/fixtures/parity
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PARITY_VENV) .pytest_cache
