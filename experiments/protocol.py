@@ -17,8 +17,9 @@ or an official .config. --teacher: a finished base run (experiments.train
 weights from (first filters, as TAS's weight sharing), or a shape file from
 experiments.prune --method l1|slimming whose kept weights lie beside it; the
 finetune variant runs only with it. --recipe: official (TAS, 300 epochs
-cosine), rethinking (160 epochs multistep, fine-tuning 40 epochs at lr 0.001),
-imagenet or smoke. --config.KEY=VALUE or --set KEY=VALUE overrides any other
+cosine), rethinking (160 epochs multistep, fine-tuning 40 epochs at lr 0.001;
+for an ImageNet family it is rethinking-imagenet: 90 epochs, Scratch-B capped
+at 2x), imagenet or smoke. --config.KEY=VALUE or --set KEY=VALUE overrides any other
 training configuration key (experiments/configs/train.py) for every run.
 
 Runs go to DIR/<variant>/seed<k>; rerunning the same command skips finished
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
   parser.add_argument("--teacher", required=True, help="a finished base run of the unpruned network")
   parser.add_argument("--seeds", type=int, required=True, help="seeds per variant (0 .. N-1)")
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--recipe", default="official", help="official, rethinking, imagenet or smoke")
+  parser.add_argument("--recipe", default="official",
+                      help="official, rethinking, rethinking-imagenet, imagenet or smoke")
   parser.add_argument("--inherit", default=None, help="base run or pruned shape file with weights: adds finetune")
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of {','.join(protocol.VARIANTS)} (default: all that apply)")

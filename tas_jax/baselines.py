@@ -25,6 +25,12 @@ family, or raises :class:`PruneError` saying which ratios are reachable.
   shape and the pruned network carrying the kept filters' weights (every
   conv's kernel gathered by the kept indices of its input and output
   channels), ready for fine-tuning.
+* Two rules as the papers apply them, with no MAC target:
+  :func:`li_variant_prune` cuts Li et al.'s published ResNet-56-A/B and
+  ResNet-110-A/B (fixed per-stage fractions of each block's first conv,
+  sensitive layers skipped; :func:`li_variant_shape` gives the shape without
+  weights), and :func:`slimming_percent` removes a fixed fraction of all
+  channels by one threshold on ``|gamma|``, as Network Slimming does.
 
 Residual-coupled widths. A block's last conv, the stem and the identity
 shortcuts all write the same residual channels, so they cannot drop channels
@@ -312,9 +318,11 @@ class Pruned:
     method: ``l1`` or ``slimming``.
     scope: ``layer`` or ``global``.
     residual: ``keep`` or ``group``.
-    level: the fraction (layer scope) or threshold (global scope) found.
+    level: the fraction (layer scope) or threshold (global scope) found;
+      NaN for a published variant, whose fractions are fixed per stage.
     ratio: MAC ratio of ``shape`` to the unpruned network.
     source: where the source network came from (a run directory) or "".
+    variant: the published variant (``A``/``B``, see :func:`li_variant_prune`) or "".
   """
 
   shape: Shape
@@ -326,6 +334,7 @@ class Pruned:
   level: float
   ratio: float
   source: str = ""
+  variant: str = ""
 
 
 def conv_modules(model: resnet.ResNet) -> dict[int, resnet.ConvBN]:
@@ -452,12 +461,122 @@ def slimming_prune(source: str | resnet.ResNet, target_flops_ratio: float, toler
 
   The threshold over the batch-norm scales of all prunable convs is chosen by
   bisection to hit the MAC target (Liu et al. fix a channel percentage
-  instead); every conv keeps at least its largest-scale channel.
+  instead: :func:`slimming_percent`); every conv keeps at least its largest-scale channel.
   ``scope="layer"`` ranks channels by ``|gamma|`` within each conv and keeps
   the same fraction everywhere.
   """
   model, where = _source(source)
   return _prune(model, bn_scales(model), target_flops_ratio, tolerance, scope, residual, "slimming", False, where)
+
+
+def slimming_percent(source: str | resnet.ResNet, prune_percent: float, *, residual: str = "keep") -> Pruned:
+  """Network Slimming's own rule: remove a fixed fraction of all prunable channels by one threshold on ``|gamma|``.
+
+  The threshold is the ``int(total * prune_percent)``-th smallest scale over
+  the channels of every prunable unit (:func:`units`), and a channel is kept
+  when its scale exceeds it, as the Rethinking code's ``--percent`` does (0.4
+  for ResNet-164, 0.7 for VGG-19 on CIFAR-10); every conv keeps at least its
+  largest-scale channel. Unlike :func:`slimming_prune` the MACs are whatever
+  this leaves. The Rethinking code counts every batch norm of its
+  pre-activation networks; here only the units' channels count, since the
+  residual stream keeps its width under ``residual="keep"``.
+  """
+  if not 0.0 < prune_percent < 1.0:
+    raise PruneError(f"prune_percent must lie in (0, 1), got {prune_percent}")
+  model, where = _source(source)
+  groups = units(model, residual)
+  if not groups:
+    raise PruneError("the network has no prunable conv")
+  unit_scores = _unit_scores(groups, bn_scales(model), False)
+  ranked = np.sort(np.concatenate(unit_scores))
+  threshold = float(ranked[int(len(ranked) * prune_percent)])
+  kept = [np.arange(w) for w in model.shape.widths]
+  for g, s in zip(groups, unit_scores):
+    idx = np.flatnonzero(s > threshold)
+    for e in g:
+      kept[e] = idx if len(idx) else _top(s, 1)
+  net = gather(model, kept)
+  return Pruned(net.shape, net, tuple(np.asarray(k) for k in kept), "slimming", "global", residual, threshold,
+                macs_ratio(net.shape), where)
+
+
+# ----------------------------------------------------------------------------- Li et al.'s published ResNet variants
+
+@dataclasses.dataclass(frozen=True)
+class LiVariant:
+  """One of Li et al.'s CIFAR ResNet variants, as the Rethinking code's prune scripts set it.
+
+  Attributes:
+    skip: ids of the convs left whole (the layers found sensitive). Ids count
+      every conv of the network from 1, the stem, so the first conv of the
+      j-th block (from 0, over the whole network) has id ``2 + 2j``.
+    prune_prob: fraction of filters removed from the first conv of each
+      block, per stage.
+  """
+
+  skip: tuple[int, ...]
+  prune_prob: tuple[float, ...]
+
+
+# cifar/l1-norm-pruning/res56prune.py and res110prune.py of "Rethinking the Value of Network Pruning".
+LI_VARIANTS = {
+    56: {"A": LiVariant((16, 20, 38, 54), (0.1, 0.1, 0.1)),
+         "B": LiVariant((16, 18, 20, 34, 38, 54), (0.6, 0.3, 0.1))},
+    110: {"A": LiVariant((36,), (0.5, 0.0, 0.0)),
+          "B": LiVariant((36, 38, 74), (0.5, 0.4, 0.3))},
+}
+VARIANTS = ("A", "B")
+
+
+def li_variant(base: Shape, variant: str) -> LiVariant:
+  """The variant's settings for ``base``, which must be the unpruned CIFAR ResNet-56 or -110."""
+  if variant not in VARIANTS:
+    raise PruneError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+  depths = " or ".join(f"ResNet-{d}" for d in LI_VARIANTS)
+  if base.arch != "cifar" or base.block != "basic" or base.depth not in LI_VARIANTS:
+    raise PruneError(f"Li et al.'s variants {', '.join(VARIANTS)} exist for the CIFAR {depths}; the base is a "
+                     f"{base.arch} {base.block} ResNet-{base.depth}")
+  if base != shapes.full_shape(base):
+    raise PruneError(f"Li et al.'s variants prune the unpruned ResNet-{base.depth}; the base is already pruned")
+  return LI_VARIANTS[base.depth][variant]
+
+
+def li_variant_widths(base: Shape, variant: str) -> dict[int, int]:
+  """Width entry -> filters kept, for every conv the variant prunes (the others keep their width).
+
+  Only the first conv of a block is a candidate (its output never reaches
+  the residual stream); one that is not skipped keeps ``int(n * (1 - p))``
+  of its n filters, p its stage's fraction. The scripts tell the stage by id
+  ranges (ResNet-56: up to 18, 36, 54) that are exactly the stages.
+  """
+  v = li_variant(base, variant)
+  out = {}
+  for j, b in enumerate(base.layout.blocks):
+    if 2 + 2 * j in v.skip:
+      continue
+    e = b.convs[0]
+    out[e] = int(base.nominal[e] * (1 - v.prune_prob[b.stage]))
+  return out
+
+
+def li_variant_shape(base: Shape, variant: str) -> Shape:
+  """The shape of Li et al.'s ResNet-56/110-A/B (see :func:`li_variant_widths`); no weights needed."""
+  widths = list(base.widths)
+  for e, k in li_variant_widths(base, variant).items():
+    widths[e] = k
+  return base.replace(widths=tuple(widths))
+
+
+def li_variant_prune(source: str | resnet.ResNet, variant: str) -> Pruned:
+  """Li et al.'s ResNet-56/110-A/B cut from a trained network: each pruned conv keeps its largest-L1 filters."""
+  model, where = _source(source)
+  norms = l1_norms(model)
+  kept = [np.arange(w) for w in model.shape.widths]
+  for e, k in li_variant_widths(model.shape, variant).items():
+    kept[e] = _top(norms[e], k)
+  net = gather(model, kept)
+  return Pruned(net.shape, net, tuple(np.asarray(k) for k in kept), "l1", "layer", "keep", float("nan"),
+                macs_ratio(net.shape), where, variant)
 
 
 def _source(source: str | resnet.ResNet) -> tuple[resnet.ResNet, str]:
@@ -658,7 +777,9 @@ def sparsity_train(config, workdir: str, distributed=None) -> dict:
   problem = dataclasses.replace(problem, tx=tx)
   state["opt"] = tx.init(state["params"])
   state = engine.replicate(run_, state)
-  ckpt = engine.open_checkpoints(run_, engine.fingerprint(config, train.FINGERPRINT_KEYS + ("bn_l1",)))
+  fp = engine.fingerprint(config, train.FINGERPRINT_KEYS + ("bn_l1",))
+  fp.update(train.augment_fingerprint(config, problem))
+  ckpt = engine.open_checkpoints(run_, fp)
   state, meta, start = engine.restore(run_, ckpt, state)
   log.info("sparsity training of %s: bn_l1 %g, %d epochs of %d steps", config.get("shape") or config.model,
            strength, plan.epochs, spe)

@@ -16,10 +16,12 @@
 
 Budgets (PRUNING-BASELINES 1.2): ``budget="epochs"`` trains ``epochs`` epochs
 whatever the shape (Scratch-E); ``budget="flops"`` trains
-``int(epochs * MACs(unpruned) / MACs(shape))`` epochs, as Rethinking's
+``int(epochs * MACs(unpruned) / MACs(shape))`` epochs, as Rethinking's CIFAR
 ``main_B.py`` does, with the cosine spread over the new length and multistep
-milestones scaled by the same factor (Scratch-B); base and finetune runs
-ignore the budget. MACs are this project's
+milestones scaled by the same factor (Scratch-B); with
+``scratch_b_rule="imagenet"`` it follows Rethinking's ImageNet ``main_B.py``
+instead (:func:`scratch_b_imagenet`: at most twice the epochs, lr steps every
+third). Base and finetune runs ignore the budget. MACs are this project's
 conv + linear multiply-accumulates (:mod:`tas_jax.cost`), not Rethinking's
 all-op FLOPs, so the ratio can differ slightly from theirs.
 
@@ -88,6 +90,8 @@ log = logging.getLogger("tas_jax")
 
 MODES = ("base", "scratch", "kd", "finetune")
 BUDGETS = ("epochs", "flops")
+SCRATCH_B_RULES = ("cifar", "imagenet")
+COLOR_AUGMENT = ("auto", "on", "off")
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 MODEL_DIR = "model"
 BEST_DIR = "model_best"
@@ -109,6 +113,7 @@ def check_config(config) -> None:
   compute_dtype(config)
   if config.get("budget", "epochs") not in BUDGETS:
     raise engine.RunError(f"budget must be one of {', '.join(BUDGETS)}, got {config.budget!r}")
+  color_augment(config, False)
   if mode in ("scratch", "kd") and not config.get("shape"):
     raise engine.RunError(f"mode {mode} needs config.shape (a preset, a shape JSON or an official .config)")
   if mode == "kd" and not config.get("teacher"):
@@ -116,11 +121,43 @@ def check_config(config) -> None:
   if mode == "finetune" and not config.get("init_from"):
     raise engine.RunError("mode finetune needs config.init_from: a finished training or search run directory")
   try:  # an unknown model or a malformed shape file, named before the data is loaded
-    shapes.resolve(config.model)
+    family = shapes.resolve(config.model)
     if config.get("shape"):
       shapes.resolve(config.shape)
   except shapes.ShapeError as e:
     raise engine.RunError(str(e)) from None
+  check_recipe(config, family)
+
+
+def check_recipe(config, family: shapes.Shape) -> None:
+  """Refuse Rethinking's CIFAR schedule on an ImageNet network and its ImageNet schedule on a CIFAR one.
+
+  The two protocols differ in epochs, lr steps and Scratch-B rule; a model
+  override after choosing the recipe would otherwise mix them silently.
+  """
+  recipe = config.get("recipe", "")
+  if recipe == "rethinking" and family.arch == "imagenet":
+    raise engine.RunError(f"recipe rethinking is Rethinking's CIFAR protocol; {config.model} is an ImageNet network: "
+                          "use the rethinking-imagenet recipe")
+  if recipe == "rethinking-imagenet" and family.arch != "imagenet":
+    raise engine.RunError(f"recipe rethinking-imagenet is Rethinking's ImageNet protocol; {config.model} is a "
+                          f"{family.arch} network: use the rethinking recipe")
+  rule = config.get("scratch_b_rule", "cifar")
+  if rule not in SCRATCH_B_RULES:
+    raise engine.RunError(f"scratch_b_rule must be one of {', '.join(SCRATCH_B_RULES)}, got {rule!r}")
+
+
+def color_augment(config, streaming: bool) -> bool:
+  """Whether training adds TAS's ImageNet colour jitter and PCA lighting: ``auto`` turns them on for streamed sets.
+
+  Streamed datasets are the ImageNet-style ones (random resized crops on the
+  host), where the official TAS training adds both; CIFAR-style in-memory
+  sets do not.
+  """
+  value = config.get("color_augment", "auto")
+  if value not in COLOR_AUGMENT:
+    raise engine.RunError(f"color_augment must be one of {', '.join(COLOR_AUGMENT)}, got {value!r}")
+  return value == "on" or (value == "auto" and bool(streaming))
 
 
 def compute_dtype(config):
@@ -139,6 +176,21 @@ def scratch_b_epochs(epochs: int, full_macs: int, macs: int) -> int:
     epochs_B = int(epochs * MACs(unpruned) / MACs(pruned))
   """
   return int(epochs * full_macs / macs)
+
+
+def scratch_b_imagenet(epochs: int, full_macs: int, macs: int) -> tuple[int, tuple[int, ...]]:
+  """Rethinking's ImageNet Scratch-B (PRUNING-BASELINES 1.2): ``(epochs_B, lr decay epochs)``.
+
+  With ratio = MACs(unpruned) / MACs(pruned): at most twice the budget
+  (``ratio >= 2``: 180 epochs of a 90-epoch recipe, decays every 60), else
+  ``int(epochs * ratio)`` epochs; the lr is divided by 10 every
+  ``epochs_B // 3`` epochs, every multiple below ``epochs_B`` (so 100 epochs
+  decay at 33, 66 and 99, as the official step function does).
+  """
+  ratio = full_macs / macs
+  new = 2 * int(epochs) if ratio >= 2 else int(epochs * ratio)
+  step = new // 3
+  return new, tuple(range(step, new, step)) if step else ()
 
 
 def scale_milestones(milestones, epochs: int, new_epochs: int) -> tuple[int, ...]:
@@ -218,8 +270,11 @@ def make_plan(config, shape: shapes.Shape) -> Plan:
     tail = bool(config.get("official_tail", False))
     if budget == "flops" and mode in ("scratch", "kd"):
       full, mine = cost_lib.count(shapes.full_shape(shape)).macs, cost_lib.count(shape).macs
-      new = scratch_b_epochs(epochs, full, mine)
-      milestones = scale_milestones(milestones, epochs, new)
+      if config.get("scratch_b_rule", "cifar") == "imagenet":
+        new, milestones = scratch_b_imagenet(epochs, full, mine)
+      else:
+        new = scratch_b_epochs(epochs, full, mine)
+        milestones = scale_milestones(milestones, epochs, new)
       ratio, epochs = full / mine, new
   if epochs < 1:
     raise engine.RunError(f"a run needs at least 1 epoch, got {epochs}")
@@ -480,6 +535,7 @@ class Problem:
   teacher_graphdef: Any = None  # eval mode; None without distillation
   kd_alpha: float = 0.9
   kd_temperature: float = 4.0
+  color: bool = False  # TAS's ImageNet colour jitter and PCA lighting (see color_augment)
 
 
 def build(config, net: resnet.ResNet, plan: Plan, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3,
@@ -499,15 +555,32 @@ def build(config, net: resnet.ResNet, plan: Plan, steps_per_epoch: int, mean=(0.
     teacher_vars = {"params": tp, "stats": ts}
   problem = Problem(graphdef, eval_graphdef, tx, lr_fn, tuple(mean), tuple(std), bool(streaming), int(config.seed),
                     float(config.get("label_smoothing", 0.0)), teacher_graphdef,
-                    float(config.get("kd_alpha", 0.9)), float(config.get("kd_temperature", 4.0)))
+                    float(config.get("kd_alpha", 0.9)), float(config.get("kd_temperature", 4.0)),
+                    color_augment(config, streaming))
   state = {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   return problem, state, teacher_vars
 
 
 def _augment(problem: Problem, key, images):
+  if problem.color:
+    return data_lib.augment_imagenet(key, images, problem.mean, problem.std, crop=not problem.streaming)
   if problem.streaming:  # cropped on the host already
     return data_lib.flip_and_normalize(key, images, problem.mean, problem.std)
   return data_lib.augment_cifar(key, images, problem.mean, problem.std)
+
+
+def augment_fingerprint(config, problem: Problem) -> dict:
+  """Checkpoint fingerprint entries for choices added after the key list: present only when they change training.
+
+  Runs that do not use them keep the fingerprint their checkpoints were
+  written with, so they still resume.
+  """
+  out = {}
+  if problem.color:
+    out["color_augment"] = True
+  if config.get("budget", "epochs") == "flops" and config.get("scratch_b_rule", "cifar") != "cifar":
+    out["scratch_b_rule"] = config.scratch_b_rule
+  return out
 
 
 def train_step(problem: Problem, state, batch, teacher=None):
@@ -646,6 +719,7 @@ def run(config, workdir: str, distributed=None) -> dict:
   teacher_vars = engine.replicate(run_, teacher_vars) if teacher_vars is not None else None
   fp = engine.fingerprint(config, FINGERPRINT_KEYS)
   fp.update(trained_shape={"widths": list(shape.widths), "blocks": list(shape.blocks)}, trained_epochs=plan.epochs)
+  fp.update(augment_fingerprint(config, problem))
   ckpt = engine.open_checkpoints(run_, fp)
   state, meta, start = engine.restore(run_, ckpt, state)
   if start:
@@ -708,6 +782,7 @@ def run(config, workdir: str, distributed=None) -> dict:
             "lr": plan.lr, "lr_schedule": plan.lr_schedule, "milestones": list(plan.milestones),
             "lr_per_epoch": plan.per_epoch, "official_tail": plan.official_tail,
             "budget": config.get("budget", "epochs"), "budget_ratio": plan.budget_ratio,
+            "scratch_b_rule": config.get("scratch_b_rule", "cifar"), "color_augment": problem.color,
             "dtype": config.get("dtype", "float32"), "num_devices": int(run_.mesh.size),
             "wall_s": time.time() - t_start, "train_s": train_s, "compile_s": compile_s,
             "train_images_per_s": images / train_s if train_s > 0 else None}

@@ -308,3 +308,124 @@ def test_prune_cli_process_error_is_one_line(tmp_path):
                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.strip() == "error: target_flops_ratio must lie in (0, 1), got 1.5"
+
+
+# ----------------------------------------------------------------------------- the papers' own rules
+
+# Written from the Rethinking code's prune scripts, not from tas_jax: conv ids count every conv from 1 (the stem),
+# a block's first conv has an even id, the stage follows from the id, and a pruned conv keeps int(n * (1 - p)).
+LI = {("resnet56", "A"): ((16, 20, 38, 54), (0.1, 0.1, 0.1), (18, 36), 10.4),
+      ("resnet56", "B"): ((16, 18, 20, 34, 38, 54), (0.6, 0.3, 0.1), (18, 36), 27.5),
+      ("resnet110", "A"): ((36,), (0.5, 0.0, 0.0), (36, 72), 15.8),
+      ("resnet110", "B"): ((36, 38, 74), (0.5, 0.4, 0.3), (36, 72), 38.5)}
+
+
+def li_expected_widths(name, variant):
+  skip, prob, (end0, end1), _ = LI[name, variant]
+  full = shapes.preset(name)
+  widths = list(full.widths)  # widths[i - 1] is the output width of conv id i
+  for conv_id in range(2, full.depth, 2):
+    if conv_id in skip:
+      continue
+    stage = 0 if conv_id <= end0 else 1 if conv_id <= end1 else 2
+    widths[conv_id - 1] = int(widths[conv_id - 1] * (1 - prob[stage]))
+  return tuple(widths)
+
+
+@pytest.mark.parametrize("name,variant", sorted(LI))
+def test_li_variants_match_the_published_shapes(name, variant):
+  """Catches a wrong skip list, stage boundary, prune fraction or rounding (int(n * (1 - p)), not n - int(n * p)),
+  a pruned second conv, or a MACs reduction off Li et al.'s published one by more than 0.5 points."""
+  full = shapes.preset(name)
+  shape = baselines.li_variant_shape(full, variant)
+  assert shape.widths == li_expected_widths(name, variant)
+  assert shape.blocks == full.layers and shape.widths[0] == 16 and shape.out_width == 64
+  reduction = 100 * (1 - ratio(shape))
+  assert abs(reduction - LI[name, variant][3]) <= 0.5, reduction
+
+
+def test_li_variant_ids_and_refusals():
+  """Catches the conv-id arithmetic (ResNet-56-A's stage-0 first convs keep 14 of 16, id 16 is whole) and variants
+  requested for networks they were not defined on."""
+  a = baselines.li_variant_shape(shapes.preset("resnet56"), "A")
+  assert [a.widths[i - 1] for i in range(2, 19, 2)] == [14] * 7 + [16, 14]
+  assert [a.widths[i - 1] for i in (20, 22, 38, 40)] == [32, 28, 64, 57]
+  assert all(a.widths[i - 1] == a.nominal[i - 1] for i in range(3, 56, 2))  # second convs keep their width
+  for base, variant, message in [(shapes.preset("resnet20"), "A", "exist for the CIFAR ResNet-56 or ResNet-110"),
+                                 (shapes.preset("resnet56"), "C", "variant must be one of A, B"),
+                                 (a, "B", "already pruned"),
+                                 (shapes.preset("imagenet-resnet18"), "A", "exist for the CIFAR")]:
+    with pytest.raises(baselines.PruneError, match=message):
+      baselines.li_variant_shape(base, variant)
+
+
+def test_li_variant_prune_keeps_the_largest_filters():
+  """Catches ranking by the wrong score or direction, or kept weights not gathered from the source."""
+  net = randomized(shapes.preset("resnet56"), seed=4)
+  p = baselines.li_variant_prune(net, "B")
+  assert p.shape == baselines.li_variant_shape(net.shape, "B") and p.variant == "B" and p.method == "l1"
+  assert p.ratio == pytest.approx(ratio(p.shape))
+  norms = baselines.l1_norms(net)
+  for e in baselines.li_variant_widths(net.shape, "B"):
+    dropped = np.setdiff1d(np.arange(len(norms[e])), p.kept[e])
+    assert not len(dropped) or norms[e][p.kept[e]].min() >= norms[e][dropped].max()
+  check_gathered(net, p.model, p.kept)
+
+
+def test_slimming_percent_removes_that_share_of_the_channels(sparse_run):
+  """Catches a threshold that is not the int(total * p)-th smallest |gamma| over every prunable channel, a >= where
+  the rule keeps scales strictly above it, or a per-layer instead of a global cut."""
+  _, base = train.load_model(sparse_run)
+  p = baselines.slimming_percent(sparse_run, 0.4)
+  check_gathered(base, p.model, p.kept)
+  gammas = baselines.bn_scales(base)
+  scores = np.concatenate([gammas[e] for (e,) in baselines.units(base, "keep")])
+  assert p.level == np.sort(scores)[int(len(scores) * 0.4)]
+  for (e,) in baselines.units(base, "keep"):
+    expected = np.flatnonzero(gammas[e] > p.level)
+    np.testing.assert_array_equal(p.kept[e], expected if len(expected) else [np.argmax(gammas[e])])
+  with pytest.raises(baselines.PruneError, match=r"prune_percent must lie in \(0, 1\)"):
+    baselines.slimming_percent(sparse_run, 1.0)
+
+
+def test_prune_cli_rules_of_the_papers(tmp_path, sparse_run, capsys):
+  """Catches the CLI losing Li et al.'s variants, silently ranking filters without a trained network, or accepting
+  flags of one rule with another."""
+  out = str(tmp_path / "r110-B.json")
+  assert prune_cli.main(["--method", "l1", "--base", "resnet110", "--variant", "B", "--shape_only", "--out", out]) == 0
+  printed = capsys.readouterr().out
+  assert "38.6 % fewer" in printed and "shape only" in printed
+  assert shapes.load(out).widths == li_expected_widths("resnet110", "B")
+  info = baselines.pruning_info(out)
+  assert info["variant"] == "B" and info["skip"] == [36, 38, 74] and not os.path.exists(baselines.weights_dir(out))
+  run = str(tmp_path / "r56-run")  # a "trained" ResNet-56: random weights saved as a run's model
+  net = randomized(shapes.preset("resnet56"), seed=2)
+  train.save_model(os.path.join(run, train.MODEL_DIR), net.shape, nnx.state(net, nnx.Param),
+                   nnx.state(net, nnx.BatchStat))
+  out = str(tmp_path / "r56-A.json")
+  assert prune_cli.main(["--method", "l1", "--base", run, "--variant", "A", "--out", out]) == 0
+  assert "10.4 % fewer" in capsys.readouterr().out
+  loaded_shape, loaded = train.load_model(baselines.weights_dir(out))
+  expected = baselines.li_variant_prune(net, "A")
+  assert loaded_shape == expected.shape and baselines.pruning_info(out)["base"] == run
+  np.testing.assert_array_equal(logits(loaded, images()), logits(expected.model, images()))
+  out = str(tmp_path / "r8-ns.json")
+  assert prune_cli.main(["--method", "slimming", "--base", sparse_run, "--prune_percent", "0.3", "--out", out]) == 0
+  assert baselines.pruning_info(out)["prune_percent"] == 0.3
+  capsys.readouterr()
+  for argv, message in [
+      (["--method", "l1", "--base", "resnet56", "--variant", "A"], "add --shape_only"),
+      (["--method", "l1", "--base", sparse_run, "--variant", "A"], "exist for the CIFAR ResNet-56 or ResNet-110"),
+      (["--method", "l1", "--base", "resnet56", "--variant", "a", "--shape_only"], "must be one of A, B"),
+      (["--method", "uniform", "--base", "resnet56", "--variant", "A"], "goes with --method l1"),
+      (["--method", "l1", "--base", "resnet56", "--variant", "A", "--target_flops_ratio", "0.5"], "drop"),
+      (["--method", "l1", "--base", "resnet56", "--variant", "A", "--residual", "group"], "drop --scope"),
+      (["--method", "l1", "--base", sparse_run, "--prune_percent", "0.4"], "goes with --method slimming"),
+      (["--method", "slimming", "--base", sparse_run, "--prune_percent", "1.5"], "must lie in (0, 1)"),
+      (["--method", "slimming", "--base", sparse_run, "--prune_percent", "0.4", "--scope", "layer"], "global"),
+      (["--method", "l1", "--base", sparse_run, "--shape_only", "--target_flops_ratio", "0.5"], "--shape_only"),
+      (["--method", "uniform", "--base", "resnet56"], "--target_flops_ratio is required")]:
+    assert prune_cli.main(argv + ["--out", str(tmp_path / "x.json")]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(tmp_path / "x.json")

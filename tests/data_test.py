@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import os
 import pathlib
@@ -599,3 +600,87 @@ def test_real_cifar10_archive(tmp_path):
   np.testing.assert_array_equal(np.bincount(ds.test_labels), np.full(10, 1000))
   np.testing.assert_allclose(ds.mean, (0.4913, 0.4821, 0.4465), atol=2e-4)
   np.testing.assert_allclose(ds.train_images.reshape(-1, 3).mean(0) / 255, (0.49, 0.48, 0.45), atol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TAS's ImageNet colour augmentation against a NumPy reference of its formulas.
+
+_GREY = np.array([0.299, 0.587, 0.114])
+_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def _numpy_hue(img, shift):
+  out = np.empty_like(img)
+  for idx in np.ndindex(img.shape[:2]):
+    h, s, v = colorsys.rgb_to_hsv(*img[idx])
+    out[idx] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+  return out
+
+
+def _numpy_jitter_one(img, op, f):
+  """One image, one operation, written from torchvision's ColorJitter definitions."""
+  if op == 0:
+    out = img * f
+  elif op == 1:
+    out = f * img + (1 - f) * (img @ _GREY).mean()
+  elif op == 2:
+    out = f * img + (1 - f) * (img @ _GREY)[..., None]
+  else:
+    return _numpy_hue(img, f)
+  return np.clip(out, 0, 1)
+
+
+def _numpy_imagenet(images, factors, order, alpha, flips, mean, std):
+  out = []
+  for b, img in enumerate(images.astype(np.float64) / 255):
+    for op in order[b]:
+      img = _numpy_jitter_one(img, op, factors[b, op])
+    img = np.clip(img + _EIGVEC @ (alpha[b] * _EIGVAL), 0, 1)
+    out.append(img[:, ::-1] if flips[b] else img)
+  return (np.stack(out) - np.asarray(mean)) / np.asarray(std)
+
+
+def test_color_params_ranges_and_orders():
+  """Catches factors drawn outside torchvision's ranges, orders that are not permutations or never vary, and a
+  lighting strength other than alphastd 0.1."""
+  factors, order, alpha = (np.asarray(a) for a in data.color_params(jax.random.key(0), 4096))
+  assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4
+  assert factors[:, 3].min() >= -0.2 and factors[:, 3].max() <= 0.2 and abs(factors[:, 3].mean()) < 0.01
+  assert (np.sort(order, axis=1) == np.arange(4)).all()
+  assert len({tuple(o) for o in order}) == 24  # every one of the 4! orders occurs
+  assert np.bincount(order[:, 0], minlength=4).min() > 900  # each op comes first about a quarter of the time
+  assert abs(alpha.std() - 0.1) < 0.005 and abs(alpha.mean()) < 0.005
+
+
+def test_hue_round_trip_and_shift_match_colorsys():
+  """Catches a wrong RGB<->HSV conversion (sector table, grey pixels, hue wrap-around) against Python's colorsys."""
+  from tas_jax.data import augment
+  rng = np.random.default_rng(5)
+  x = rng.random((3, 6, 6, 3)).astype(np.float32)
+  x[0, 0, 0] = (0.5, 0.5, 0.5)  # grey: no hue
+  x[0, 0, 1] = (0.0, 0.0, 0.0)
+  np.testing.assert_allclose(np.asarray(augment.hsv_to_rgb(augment.rgb_to_hsv(jnp.asarray(x)))), x, atol=1e-6)
+  shifts = np.array([0.2, -0.2, 0.93], np.float32)
+  out = np.asarray(jax.jit(augment.adjust_hue)(jnp.asarray(x), jnp.asarray(shifts)))
+  ref = np.stack([_numpy_hue(x[b].astype(np.float64), float(shifts[b])) for b in range(3)])
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_augment_imagenet_matches_numpy_reference():
+  """Catches a colour operation, its order, the lighting formula (eigvec @ (alpha * eigval) on [0, 1] pixels), the
+  clipping, the flip or the normalisation drifting from the NumPy reference written from the formulas."""
+  images = np.random.default_rng(3).integers(0, 256, (12, 5, 6, 3), dtype=np.uint8)
+  key = jax.random.key(11)
+  mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+  out = jax.jit(data.augment_imagenet)(key, images, mean, std)
+  assert out.shape == images.shape and out.dtype == jnp.float32
+  factors, order, alpha, flips = (np.asarray(a) for a in data.imagenet_params(key, 12)[:4])
+  assert 0 < flips.sum() < 12 and len({tuple(o) for o in order}) > 3
+  ref = _numpy_imagenet(images, factors.astype(np.float64), order, alpha.astype(np.float64), flips, mean, std)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5)
+  # identity factors, zero lighting and no flip leave the image as it was
+  ident = data.apply_lighting(data.apply_color_jitter(jnp.asarray(images / 255, jnp.float32),
+                                                      jnp.asarray([[1, 1, 1, 0]] * 12, jnp.float32),
+                                                      jnp.tile(jnp.arange(4), (12, 1))), jnp.zeros((12, 3)))
+  np.testing.assert_allclose(np.asarray(ident), images / 255, atol=2e-6)

@@ -227,3 +227,71 @@ def test_finetune_from_a_search_run(tmp_path):
   workdir = str(tmp_path / "ft")
   result = train.run(tiny_config("finetune", init_from=search_dir, shape=_save(target, tmp_path)), workdir)
   assert result["finished"] and result["shape"]["widths"] == list(target.widths)
+
+
+def test_imagenet_scratch_b_rule():
+  """Catches the ImageNet Scratch-B rule drifting from Rethinking's main_B.py: the 2x cap (180 epochs, decays every
+  60), int(90 * ratio) below it, and lr steps every epochs // 3 (including a third one below the end)."""
+  assert train.scratch_b_imagenet(90, 2_000, 1_000) == (180, (60, 120))
+  assert train.scratch_b_imagenet(90, 3_000, 1_000) == (180, (60, 120))  # capped
+  assert train.scratch_b_imagenet(90, 1_000, 700) == (128, (42, 84, 126))  # int(128.57), step 42
+  assert train.scratch_b_imagenet(90, 1_000, 1_000) == (90, (30, 60))
+  base = shapes.preset("imagenet-resnet18")
+  shape = base.replace(widths=tuple(max(1, w * 3 // 4) for w in base.widths))
+  full, mine = cost.count(base).macs, cost.count(shape).macs
+  c = train_configs.get_config("imagenet-resnet18,rethinking-imagenet")
+  c.mode, c.budget = "scratch", "flops"
+  plan = train.make_plan(c, shape)
+  epochs = int(90 * full / mine) if full / mine < 2 else 180
+  assert plan.epochs == epochs and plan.milestones == tuple(range(epochs // 3, epochs, epochs // 3))
+  assert plan.lr_schedule == "multistep" and plan.warmup_epochs == 0
+  c.budget = "epochs"
+  assert (train.make_plan(c, shape).epochs, train.make_plan(c, shape).milestones) == (90, (30, 60))
+  c.scratch_b_rule, c.budget = "cifar", "flops"  # the CIFAR rule: uncapped, milestones scaled
+  new = int(90 * full / mine)
+  assert train.make_plan(c, shape).epochs == new
+  assert train.make_plan(c, shape).milestones == train.scale_milestones((30, 60), 90, new)
+
+
+def test_rethinking_recipes_follow_the_family():
+  """Catches an ImageNet network silently getting Rethinking's CIFAR schedule (160 epochs, batch 64, decays at
+  80/120), or a CIFAR network the ImageNet one."""
+  c = train_configs.get_config("imagenet-resnet50,rethinking")
+  assert c.recipe == "rethinking-imagenet" and c.epochs == 90 and c.milestones == (30, 60)
+  assert (c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (256, 0.1, 0.9, False, 1e-4)
+  assert (c.scratch_b_rule, c.color_augment, c.dataset, c.finetune_epochs) == ("imagenet", "off", "imagenet2012", 20)
+  r = train_configs.get_config("resnet56,rethinking")
+  assert (r.recipe, r.epochs, r.batch_size, r.scratch_b_rule) == ("rethinking", 160, 64, "cifar")
+  with pytest.raises(ValueError, match="rethinking-imagenet is for imagenet"):
+    train_configs.get_config("resnet56,rethinking-imagenet")
+  r.model = "imagenet-resnet18"  # the CIFAR recipe with an ImageNet model swapped in afterwards
+  with pytest.raises(engine.RunError, match="use the rethinking-imagenet recipe"):
+    train.check_config(r)
+  c.model = "resnet20"
+  with pytest.raises(engine.RunError, match="use the rethinking recipe"):
+    train.check_config(c)
+  c.model, c.scratch_b_rule = "imagenet-resnet18", "capped"
+  with pytest.raises(engine.RunError, match="scratch_b_rule must be"):
+    train.check_config(c)
+
+
+def test_color_augmentation_is_on_for_streamed_sets_only():
+  """Catches ImageNet training without TAS's colour jitter and lighting (or CIFAR training with them), and a train
+  step that ignores the switch."""
+  c = train_configs.get_config("imagenet-resnet18")
+  assert c.color_augment == "auto" and train.color_augment(c, True) and not train.color_augment(c, False)
+  c.color_augment = "off"
+  assert not train.color_augment(c, True)
+  c.color_augment = "on"
+  assert train.color_augment(c, False)
+  c.color_augment = "yes"
+  with pytest.raises(engine.RunError, match="color_augment must be"):
+    train.color_augment(c, True)
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  key, mean, std = jax.random.key(1), data.IMAGENET_MEAN, data.IMAGENET_STD
+  problem = train.Problem(None, None, None, None, mean, std, True, 0, color=True)
+  np.testing.assert_array_equal(np.asarray(train._augment(problem, key, images)),
+                                np.asarray(data.augment_imagenet(key, images, mean, std)))
+  plain = dataclasses.replace(problem, color=False)
+  np.testing.assert_array_equal(np.asarray(train._augment(plain, key, images)),
+                                np.asarray(data.flip_and_normalize(key, images, mean, std)))

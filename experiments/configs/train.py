@@ -31,11 +31,24 @@ the family of the shapes trained in the other modes; ``smoke`` alone means
   rethinking Rethinking's CIFAR protocol (PRUNING-BASELINES 1.2): SGD momentum
              0.9 without Nesterov, lr 0.1, weight decay 1e-4, batch 64, 160
              epochs, lr x0.1 at epochs 80 and 120; fine-tuning 40 epochs at a
-             constant lr of 0.001.
+             constant lr of 0.001; Scratch-B uncapped (``scratch_b_rule``
+             ``cifar``). Asked for an imagenet-* preset it gives
+             rethinking-imagenet, never the CIFAR schedule.
+  rethinking-imagenet
+             Rethinking's ImageNet protocol (imagenet-* presets only): SGD
+             momentum 0.9 without Nesterov, lr 0.1, weight decay 1e-4, batch
+             256, 90 epochs, lr x0.1 at epochs 30 and 60; fine-tuning 20 epochs
+             at a constant lr of 0.001; random resized crop and flip only
+             (``color_augment="off"``), as its scripts; Scratch-B by
+             ``scratch_b_rule="imagenet"``: ratio = MACs(unpruned) / MACs(pruned),
+             180 epochs with the lr x0.1 every 60 when ratio >= 2, else
+             int(90 * ratio) epochs with the lr x0.1 every epochs // 3.
   imagenet   (default for imagenet-* presets) the ImageNet-E120-Cos configs:
              SGD Nesterov, lr 0.1, weight decay 1e-4, batch 256, 5 warmup
              epochs, cosine, 120 epochs; ``--config.label_smoothing=0.1``
-             gives the "Smooth" variant.
+             gives the "Smooth" variant. Streamed (ImageNet) datasets get
+             TAS's colour jitter and PCA lighting (``color_augment="auto"``,
+             see tas_jax.data.augment).
   smoke      tiny and fast: synthetic data, 2 epochs of 512 examples.
 
 Short runs shrink the warmup to min(warmup_epochs, epochs // 10) epochs (see
@@ -44,17 +57,29 @@ tas_jax.train). Every key can be overridden with --config.KEY=VALUE.
 
 import ml_collections
 
-RECIPES = ("official", "rethinking", "imagenet", "smoke")
+RECIPES = ("official", "rethinking", "rethinking-imagenet", "imagenet", "smoke")
 MODES = ("base", "scratch", "kd", "finetune")
+
+
+def _recipe(name: str, asked: str | None) -> str:
+  """The recipe of preset ``name``: Rethinking's protocols differ between CIFAR and ImageNet, so follow the family."""
+  imagenet = name.startswith("imagenet")
+  if asked is None:
+    return "smoke" if name == "smoke" else "imagenet" if imagenet else "official"
+  if asked not in RECIPES:
+    raise ValueError(f"unknown recipe {asked!r}; use one of {', '.join(RECIPES)}")
+  if asked == "rethinking" and imagenet:
+    return "rethinking-imagenet"
+  if asked == "rethinking-imagenet" and not imagenet:
+    raise ValueError(f"recipe rethinking-imagenet is for imagenet-* presets; {name} takes rethinking")
+  return asked
 
 
 def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   parts = (arg or "resnet56").split(",")
   name = parts[0]
   imagenet = name.startswith("imagenet")
-  recipe = parts[1] if len(parts) > 1 else ("smoke" if name == "smoke" else "imagenet" if imagenet else "official")
-  if recipe not in RECIPES:
-    raise ValueError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+  recipe = _recipe(name, parts[1] if len(parts) > 1 else None)
   c = ml_collections.ConfigDict()
   c.recipe = recipe
   c.mode = "base"  # base | scratch | kd | finetune
@@ -63,6 +88,7 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.teacher = ""  # kd: a finished base run directory
   c.init_from = ""  # finetune: a finished training run or search run directory
   c.budget = "epochs"  # scratch and kd: epochs (Scratch-E) | flops (Scratch-B: epochs x MACs ratio)
+  c.scratch_b_rule = "cifar"  # budget flops: cifar (uncapped) | imagenet (at most 2x, lr steps at thirds)
   c.kd_alpha = 0.9
   c.kd_temperature = 4.0
   c.dataset = "synthetic" if recipe == "smoke" else ("imagenet2012" if imagenet else "cifar10")
@@ -85,6 +111,7 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.nesterov = True
   c.weight_decay = 5e-4
   c.label_smoothing = 0.0
+  c.color_augment = "auto"  # auto (on for streamed, ImageNet, datasets) | on | off: colour jitter + PCA lighting
   c.finetune_epochs = 40
   c.finetune_lr = 0.001
   c.finetune_lr_schedule = "constant"
@@ -101,6 +128,12 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
     c.epochs, c.warmup_epochs, c.batch_size = 160, 0, 64
     c.lr_schedule, c.milestones = "multistep", (80, 120)
     c.nesterov, c.weight_decay = False, 1e-4
+  elif recipe == "rethinking-imagenet":
+    c.epochs, c.warmup_epochs, c.weight_decay = 90, 0, 1e-4
+    c.lr_schedule, c.milestones = "multistep", (30, 60)
+    c.nesterov, c.scratch_b_rule, c.color_augment = False, "imagenet", "off"
+    c.finetune_epochs = 20
+    c.eval_every_epochs = 5
   elif recipe == "imagenet":
     c.epochs, c.weight_decay = 120, 1e-4
     c.eval_every_epochs = 5
