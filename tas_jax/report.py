@@ -608,6 +608,16 @@ def _flat_note(data: Mapping[str, Any], tolerance: float = 0.05) -> str:
           f"{tolerance:.2f} of uniform at the end, so the blocks kept come from near-ties.")
 
 
+def _top1_note(record: Mapping[str, Any]) -> str:
+  """A caption's remark on how far the final width distributions moved from uniform."""
+  w = np.asarray(record.get("width") or [], dtype=float)
+  if w.size == 0:
+    return ""
+  valid = (w > 0).sum(axis=1)
+  return (f" At the end the most likely width of a conv has probability {w.max(axis=1).mean():.3f} on average "
+          f"(uniform: {np.mean(1.0 / np.maximum(valid, 1)):.3f}).")
+
+
 def write_report(pipeline_dir: str) -> str:
   """Write ``pipeline_dir/report.md`` and its figures in ``pipeline_dir/figures``; returns the report's path.
 
@@ -679,7 +689,7 @@ def write_report(pipeline_dir: str) -> str:
           "its learned distribution divided by the unpruned width (the numbers in the cells); the colours span "
           f"the range of these values (here {lo:.3f} to {hi:.3f}), so dark marks the convs the search pushes "
           "narrowest. Right: the probability of each depth choice ('s2:1' = stage 2 keeps 1 block) per epoch; "
-          "each stage's choices sum to 1." + _flat_note(ad))
+          "each stage's choices sum to 1." + _top1_note(probs[-1]) + _flat_note(ad))
   train_curves = {}
   for stage in ("base", "kd"):
     curves_of_stage = training_curves(_read_jsonl(os.path.join(workdir, stage, "metrics.jsonl")))

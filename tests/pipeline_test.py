@@ -154,8 +154,8 @@ def test_a_finished_stage_under_another_configuration_is_refused(tmp_path, monke
   workdir = str(tmp_path / "p")
   pipeline.run(small_config(), workdir, report=False)
   changed = small_config()
-  changed.search.epochs = 7
-  with pytest.raises(engine.RunError, match=r"stage search .* another configuration \(epochs: 4 -> 7\)"):
+  before, changed.search.epochs = changed.search.epochs, 7
+  with pytest.raises(engine.RunError, match=rf"stage search .* another configuration \(epochs: {before} -> 7\)"):
     pipeline.run(changed, workdir, report=False)
   harmless = small_config()
   harmless.kd.log_every_steps = 1  # does not change what is trained
