@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

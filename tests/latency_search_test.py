@@ -85,6 +85,7 @@ def test_a_real_unit_timing_is_positive():
   assert 0 < s < 1
 
 
+@pytest.mark.slow  # three searches and a vectorised one: half a minute
 def test_vectorised_targets_equal_single_searches():
   config = tiny_config()
   problem, state = search.build(config, 10, 4)

@@ -37,6 +37,7 @@ def test_counter_equals_traced_model_random_shapes(seed):
   assert param_count(model) == c.params
 
 
+@pytest.mark.slow  # shapes only; the counter and export tests build these networks too
 def test_forward_shapes_and_init():
   shape = shapes.preset("tas-c10-resnet20")
   model = resnet.build(shape, seed=1)

@@ -70,6 +70,7 @@ def test_one_and_eight_devices_agree(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow  # tests/faults_slow_test.py kills and resumes searches too; this one takes half a minute
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
   whole = tmp_path / "whole"
   parts = tmp_path / "parts"
