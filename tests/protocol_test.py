@@ -41,6 +41,7 @@ def results_of(workdir, variant):
   return [json.load(open(os.path.join(workdir, variant, f"seed{k}", "result.json"))) for k in range(2)]
 
 
+@pytest.mark.slow  # eight resnet8 trainings in the fixture: a minute and a half on two cold cores
 def test_protocol_trains_every_variant_with_two_seeds(finished, teacher):
   workdir, pruned, _ = finished
   summary = json.load(open(os.path.join(workdir, "protocol.json")))
@@ -75,6 +76,7 @@ def test_protocol_trains_every_variant_with_two_seeds(finished, teacher):
   assert rows[-1].startswith("| unpruned (teacher) |")
 
 
+@pytest.mark.slow  # eight resnet8 trainings in the fixture: a minute and a half on two cold cores
 def test_protocol_skips_finished_runs_and_resumes_unfinished_ones(finished, teacher):
   workdir, pruned, _ = finished
   calls = []
@@ -92,6 +94,7 @@ def test_protocol_skips_finished_runs_and_resumes_unfinished_ones(finished, teac
   assert all(e["n"] == 2 for e in summary["variants"].values())
 
 
+@pytest.mark.slow  # eight resnet8 trainings in the fixture: a minute and a half on two cold cores
 def test_protocol_refuses_bad_requests(tmp_path, teacher, finished, capsys):
   _, pruned, _ = finished
   base = ["--shape", pruned, "--teacher", teacher, "--seeds", "1", "--workdir", str(tmp_path / "p")]
@@ -110,6 +113,7 @@ def test_protocol_refuses_bad_requests(tmp_path, teacher, finished, capsys):
   assert not os.path.exists(tmp_path / "p")  # refused before anything was written
 
 
+@pytest.mark.slow  # eight resnet8 trainings in the fixture: a minute and a half on two cold cores
 def test_compare_counts_what_it_shows(finished, teacher, tmp_path, capsys):
   workdir, _, _ = finished
   one = os.path.join(workdir, "scratch-e", "seed1")

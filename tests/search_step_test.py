@@ -137,7 +137,7 @@ def _set_arch(problem, state, column):
   return {**state, "arch": nnx.state(model, supernet.ArchParam)}, model
 
 
-@pytest.mark.parametrize("weight", [2.0, 5.0])
+@pytest.mark.parametrize("weight", [3.0])  # not the default 2, so that a hard-coded lambda fails too
 def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
   """Catches: a flipped sign of the cost loss, the sign taken from the expected instead of the discrete cost,
   lambda not applied, a loss outside the band's edges, and a cost loss that does not move E the right way."""
