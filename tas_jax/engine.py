@@ -127,11 +127,12 @@ def record_config(run: Run) -> None:
       old = f.read()
     if old == run.config_text:
       return
-    _atomic_write(run.path("config.prev.json"), old)
-  _atomic_write(path, run.config_text)
+    write_text(run.path("config.prev.json"), old)
+  write_text(path, run.config_text)
 
 
-def _atomic_write(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+  """Replaces ``path`` with ``text`` atomically: a reader sees the old file or the new one, never a part."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -139,7 +140,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-  _atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=metrics_lib.to_json_value) + "\n")
+  write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=metrics_lib.to_json_value) + "\n")
 
 
 def fingerprint(config, keys) -> dict:
@@ -292,7 +293,7 @@ def keep_records(run: Run, name: str, keep: Callable[[dict], bool]) -> int:
     if keep(record):
       kept.append(json.dumps(record) + "\n")
   if len(kept) != len(lines):
-    _atomic_write(path, "".join(kept))
+    write_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 

@@ -400,10 +400,7 @@ def protocol_markdown(summary: dict) -> str:
 
 def write_reports(workdir: str, summary: dict) -> None:
   engine.write_json(os.path.join(workdir, JSON_FILE), summary)
-  tmp = os.path.join(workdir, f"{MD_FILE}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(protocol_markdown(summary))
-  os.replace(tmp, os.path.join(workdir, MD_FILE))
+  engine.write_text(os.path.join(workdir, MD_FILE), protocol_markdown(summary))
 
 
 # ----------------------------------------------------------------------------- comparing finished runs

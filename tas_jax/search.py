@@ -207,7 +207,7 @@ def weight_step(problem: Problem, state, batch, keys, tau):
 
   (loss, (stats, logits, idx)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["weights"])
   if problem.freeze_undrawn:
-    model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+    model = _model(problem, state)
     weights, w_opt = optim.masked_update(problem.w_tx, grads, state["w_opt"], state["weights"],
                                          supernet.drawn_mask(model, idx))
   else:
@@ -266,7 +266,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
   w_keys, a_keys = step_keys(problem, state["step"])
   state, w_metrics = weight_step(problem, state, train_batch, w_keys, tau)
   state, a_metrics = arch_step(problem, state, valid_batch, a_keys, tau, target)
-  model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+  model = _model(problem, state)
   _, discrete = _costs(problem, model)
   new_state = {**state, "step": state["step"] + 1}
   metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_macs,
@@ -359,13 +359,13 @@ def tau_at(config, epoch: int) -> float:
 
 
 def arch_probabilities(problem: Problem, state) -> dict:
-  model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+  model = _model(problem, state)
   return {"width": np.asarray(model.width_probs()).round(5).tolist(),
           "depth": np.asarray(model.depth_probs()).round(5).tolist()}
 
 
 def argmax_shape(problem: Problem, state) -> shapes.Shape:
-  model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+  model = _model(problem, state)
   return model.argmax_shape()
 
 
@@ -374,6 +374,7 @@ VALIDATION_STREAM = 1 << 30
 
 
 def _model(problem: Problem, state) -> supernet.Supernet:
+  """The supernet holding a search state's variables (a copy: the state is never mutated)."""
   return nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
 
 

@@ -634,8 +634,5 @@ def figure(summary: dict, path: str) -> None:
 
 def write_reports(workdir: str, summary: dict) -> None:
   engine.write_json(os.path.join(workdir, JSON_FILE), summary)
-  tmp = os.path.join(workdir, f"{MD_FILE}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(markdown(summary))
-  os.replace(tmp, os.path.join(workdir, MD_FILE))
+  engine.write_text(os.path.join(workdir, MD_FILE), markdown(summary))
   figure(summary, os.path.join(workdir, PNG_FILE))

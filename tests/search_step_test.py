@@ -15,22 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.configs import search as search_configs
-from tas_jax import cost, schedules, search, shapes, supernet
+from search_test import tiny_config
+from tas_jax import cost, search, shapes, supernet
 
 BATCH = 16
 
 
 def config(**overrides):
-  c = search_configs.get_config("smoke")
-  c.model = "resnet8"
-  c.batch_size = BATCH
-  c.num_train_examples = 128
-  c.eval_examples = 32
-  c.epochs = 2
-  c.log_every_steps = 2
-  for k, v in overrides.items():
-    setattr(c, k, v)
+  c = tiny_config(**overrides)
+  assert c.batch_size == BATCH
   return c
 
 
@@ -166,7 +159,6 @@ def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
 def test_sub_steps_and_iterations_draw_distinct_keys(monkeypatch):
   """Catches: the weight and architecture steps sharing one Gumbel sample or augmentation, or every iteration
   reusing the keys of the first."""
-  seen = {}
   original_w, original_a = search.weight_step, search.arch_step
 
   def spy_w(problem, state, b, keys, tau):
