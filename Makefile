@@ -15,9 +15,10 @@ PARITY_STAMP := $(PARITY_VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -33,7 +34,7 @@ DEMO_DIR := $(if $(and $(DEMO_SOURCE),$(filter file default,$(origin WORKDIR))),
 DEMO_ARGS := $(if $(DEMO_SOURCE),--config.dataset=$(DEMO_SOURCE))
 
 demo: $(STAMP)
-	$(PY) -m experiments.pipeline --config experiments/configs/pipeline.py:demo --workdir $(DEMO_DIR) $(DEMO_ARGS) $(ARGS)
+	$(PY) -m tas_jax.cli.pipeline --config tas_jax/configs/pipeline.py:demo --workdir $(DEMO_DIR) $(DEMO_ARGS) $(ARGS)
 	@echo "report: $(DEMO_DIR)/report.md (figures in $(DEMO_DIR)/figures; curves: tensorboard --logdir $(DEMO_DIR))"
 
 # Reference numbers from the published TAS code (xautodl 1.0.0, on torch) for tests/parity_test.py, in a

@@ -10,10 +10,17 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT
-from experiments import prune as prune_cli
-from experiments.configs import train as train_configs
-from tas_jax import baselines, cost, resnet, shapes, train
+from tas_jax.cli import prune as prune_cli
+from tas_jax.configs import train as train_configs
+from tas_jax import baselines
 
+from tas_jax.runtime import models
+from tas_jax.core import cost, optim, shapes
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
+from tas_jax.nets import surgery
+from tas_jax.programs import train
+from tas_jax.nets import resnet
 TARGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -23,7 +30,7 @@ def ratio(shape):
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])
 def test_uniform_lands_in_band_with_one_width_ratio(name):
-  base = shapes.preset(name)
+  base = shape_files.preset(name)
   for target in TARGETS:
     shape = baselines.uniform(base, target)
     assert abs(ratio(shape) - target) <= 0.02, (target, ratio(shape))
@@ -39,19 +46,19 @@ def test_uniform_lands_in_band_with_one_width_ratio(name):
 
 
 def test_uniform_refuses_unreachable_targets():
-  base = shapes.preset("resnet56")
+  base = shape_files.preset("resnet56")
   with pytest.raises(baselines.PruneError, match=r"out of reach .* reachable ratios lie in \[0\.0\d+, 0\.32"):
     baselines.uniform(base, 0.9, blocks=(3, 3, 3))
   with pytest.raises(baselines.PruneError, match=r"must lie in \(0, 1\)"):
     baselines.uniform(base, 1.0)
   with pytest.raises(baselines.PruneError, match="nearest reachable ratios"):
-    baselines.uniform(shapes.preset("resnet8"), 0.5, tolerance=0.0)
+    baselines.uniform(shape_files.preset("resnet8"), 0.5, tolerance=0.0)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])
 def test_random_shapes_lie_in_the_space_and_the_band(name):
-  base = shapes.preset(name)
-  space = shapes.search_space(base)
+  base = shape_files.preset(name)
+  space = space_lib.search_space(base)
   for target in (0.1, 0.3, 0.5):
     shape = baselines.random_shape(base, target, seed=3)
     assert abs(ratio(shape) - target) <= 0.02
@@ -67,9 +74,9 @@ def test_random_shapes_lie_in_the_space_and_the_band(name):
 
 def test_random_gives_up_clearly():
   with pytest.raises(baselines.PruneError, match=r"no shape within 0.02 of MAC ratio 0.9 in 1000 uniform draws"):
-    baselines.random_shape(shapes.preset("resnet20"), 0.9, max_tries=1000)
+    baselines.random_shape(shape_files.preset("resnet20"), 0.9, max_tries=1000)
   with pytest.raises(baselines.PruneError, match=r"out of reach for the search space: reachable ratios lie in"):
-    baselines.random_shape(shapes.preset("resnet20"), 0.01, tolerance=0.005)
+    baselines.random_shape(shape_files.preset("resnet20"), 0.01, tolerance=0.005)
 
 
 # ----------------------------------------------------------------------------- kept weights
@@ -162,7 +169,7 @@ def check_gathered(source, pruned_net, kept):
 
 @pytest.mark.parametrize("name,residual", [("resnet8", "keep"), ("resnet8", "group"), ("resnet11", "group")])
 def test_gather_is_the_source_restricted_to_the_kept_channels(name, residual):
-  net = randomized(shapes.preset(name))  # resnet11: one bottleneck block per stage
+  net = randomized(shape_files.preset(name))  # resnet11: one bottleneck block per stage
   rng = np.random.default_rng(1)
   kept = [np.arange(w) for w in net.shape.widths]
   for unit in baselines.units(net, residual):
@@ -170,16 +177,16 @@ def test_gather_is_the_source_restricted_to_the_kept_channels(name, residual):
     chosen = np.sort(rng.choice(w, size=max(1, w // 2 - 1), replace=False))
     for e in unit:
       kept[e] = chosen
-  pruned = baselines.gather(net, kept)
+  pruned = surgery.gather(net, kept)
   assert pruned.shape.widths == tuple(len(k) for k in kept)
   check_gathered(net, pruned, kept)
   np.testing.assert_allclose(logits(pruned, images()), logits(masked(net, kept), images()), rtol=1e-4, atol=1e-4)
-  whole = baselines.gather(net, [np.arange(w) for w in net.shape.widths])
+  whole = surgery.gather(net, [np.arange(w) for w in net.shape.widths])
   np.testing.assert_array_equal(logits(whole, images()), logits(net, images()))
 
 
 def test_units_follow_the_residual_policy():
-  net = resnet.build(shapes.preset("resnet14"))  # 2 blocks per stage: entries 0, (1, 2), (3, 4), ...
+  net = resnet.build(shape_files.preset("resnet14"))  # 2 blocks per stage: entries 0, (1, 2), (3, 4), ...
   assert baselines.units(net, "keep") == [(1,), (3,), (5,), (7,), (9,), (11,)]
   assert baselines.units(net, "group")[6:] == [(0, 2, 4), (6, 8), (10, 12)]
   with pytest.raises(baselines.PruneError, match="residual"):
@@ -187,18 +194,18 @@ def test_units_follow_the_residual_policy():
 
 
 def test_bn_l1_penalty_and_subgradient():
-  net = resnet.build(shapes.preset("resnet8"))
+  net = resnet.build(shape_files.preset("resnet8"))
   params = nnx.state(net, nnx.Param)
-  mask = baselines.bn_scale_mask(params)
+  mask = optim.bn_scale_mask(params)
   flat = jax.tree.leaves(mask)
   assert sum(flat) == 1 + 3 * 2 + 0  # the stem, two convs per block; the CIFAR stride-2 shortcuts have no BN
   scales = [x for x, m in zip(jax.tree.leaves(params), flat) if m]
-  assert float(baselines.bn_l1_penalty(params, 0.5)) == pytest.approx(0.5 * sum(float(jnp.abs(s).sum())
+  assert float(optim.bn_l1_penalty(params, 0.5)) == pytest.approx(0.5 * sum(float(jnp.abs(s).sum())
                                                                               for s in scales))
-  tx = baselines.bn_l1_subgradient(1e-2)
+  tx = optim.bn_l1_subgradient(1e-2)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
-  grad = jax.grad(lambda p: baselines.bn_l1_penalty(p, 1e-2))(params)
+  grad = jax.grad(lambda p: optim.bn_l1_penalty(p, 1e-2))(params)
   for u, g, m, p in zip(jax.tree.leaves(updates), jax.tree.leaves(grad), flat, jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(u), np.asarray(g), rtol=1e-6)
     if m:
@@ -221,7 +228,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="module")
 def sparse_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("sparsity"))
-  result = baselines.sparsity_train(tiny_config(), workdir)
+  result = train.run(tiny_config(), workdir)
   assert result["finished"]
   return workdir
 
@@ -229,16 +236,16 @@ def sparse_run(tmp_path_factory):
 def test_sparsity_training_writes_a_run(sparse_run):
   result = json.load(open(os.path.join(sparse_run, "result.json")))
   assert result["mode"] == "sparsity" and result["bn_l1"] == 1e-3 and result["epochs"] == 1
-  assert result["macs"] == cost.count(shapes.preset("resnet8")).macs and 0 <= result["test_top1"] <= 1
+  assert result["macs"] == cost.count(shape_files.preset("resnet8")).macs and 0 <= result["test_top1"] <= 1
   assert result["mean_abs_gamma"] < 1.0  # the penalty and the steps pulled scales below their initial 1
-  shape, _ = train.load_model(sparse_run)
-  assert shape == shapes.preset("resnet8")
+  shape, _ = models.load_model(sparse_run)
+  assert shape == shape_files.preset("resnet8")
 
 
 @pytest.mark.parametrize("scope,residual", [("layer", "keep"), ("global", "keep"), ("layer", "group"),
                                             ("global", "group")])
 def test_l1_prune_lands_in_band_and_keeps_the_largest_filters(sparse_run, scope, residual):
-  _, base = train.load_model(sparse_run)
+  _, base = models.load_model(sparse_run)
   p = baselines.l1_prune(sparse_run, 0.5, scope=scope, residual=residual)
   assert abs(p.ratio - 0.5) <= 0.02 and p.ratio == pytest.approx(ratio(p.shape))
   assert p.shape.blocks == base.shape.blocks and p.source == sparse_run
@@ -255,7 +262,7 @@ def test_l1_prune_lands_in_band_and_keeps_the_largest_filters(sparse_run, scope,
 
 
 def test_slimming_prune_uses_one_threshold_on_gamma(sparse_run):
-  _, base = train.load_model(sparse_run)
+  _, base = models.load_model(sparse_run)
   p = baselines.slimming_prune(sparse_run, 0.4)
   assert abs(p.ratio - 0.4) <= 0.02 and p.scope == "global"
   check_gathered(base, p.model, p.kept)
@@ -274,16 +281,16 @@ def test_prune_cli_writes_shape_and_weights(tmp_path, sparse_run, capsys):
   out = str(tmp_path / "r56-uniform.json")
   assert prune_cli.main(["--method", "uniform", "--base", "resnet56", "--target_flops_ratio", "0.5", "--out", out]) == 0
   assert "ratio 0.50" in capsys.readouterr().out
-  shape = shapes.load(out)
+  shape = shape_files.load(out)
   assert abs(ratio(shape) - 0.5) <= 0.02 and baselines.pruning_info(out)["method"] == "uniform"
   out = str(tmp_path / "r8-l1.json")
   assert prune_cli.main(["--method", "l1", "--base", sparse_run, "--target_flops_ratio", "0.6", "--out", out,
                          "--scope", "global"]) == 0
   info = baselines.pruning_info(out)
   assert info["method"] == "l1" and info["scope"] == "global" and abs(info["ratio"] - 0.6) <= 0.02
-  loaded_shape, loaded = train.load_model(baselines.weights_dir(out))
+  loaded_shape, loaded = models.load_model(baselines.weights_dir(out))
   expected = baselines.l1_prune(sparse_run, 0.6, scope="global")
-  assert loaded_shape == shapes.load(out) == expected.shape
+  assert loaded_shape == shape_files.load(out) == expected.shape
   np.testing.assert_array_equal(logits(loaded, images()), logits(expected.model, images()))
   kept = json.load(open(os.path.join(baselines.weights_dir(out), "kept.json")))["kept"]
   assert [len(k) for k in kept] == list(expected.shape.widths)
@@ -303,7 +310,7 @@ def test_prune_cli_writes_shape_and_weights(tmp_path, sparse_run, capsys):
 
 
 def test_prune_cli_process_error_is_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.prune", "--method", "uniform", "--base", "resnet20",
+  proc = subprocess.run([sys.executable, "-m", "tas_jax.cli.prune", "--method", "uniform", "--base", "resnet20",
                          "--target_flops_ratio", "1.5", "--out", str(tmp_path / "s.json")], cwd=ROOT,
                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
   assert proc.returncode == 2 and proc.stdout == ""
@@ -322,7 +329,7 @@ LI = {("resnet56", "A"): ((16, 20, 38, 54), (0.1, 0.1, 0.1), (18, 36), 10.4),
 
 def li_expected_widths(name, variant):
   skip, prob, (end0, end1), _ = LI[name, variant]
-  full = shapes.preset(name)
+  full = shape_files.preset(name)
   widths = list(full.widths)  # widths[i - 1] is the output width of conv id i
   for conv_id in range(2, full.depth, 2):
     if conv_id in skip:
@@ -336,7 +343,7 @@ def li_expected_widths(name, variant):
 def test_li_variants_match_the_published_shapes(name, variant):
   """Catches a wrong skip list, stage boundary, prune fraction or rounding (int(n * (1 - p)), not n - int(n * p)),
   a pruned second conv, or a MACs reduction off Li et al.'s published one by more than 0.5 points."""
-  full = shapes.preset(name)
+  full = shape_files.preset(name)
   shape = baselines.li_variant_shape(full, variant)
   assert shape.widths == li_expected_widths(name, variant)
   assert shape.blocks == full.layers and shape.widths[0] == 16 and shape.out_width == 64
@@ -347,21 +354,21 @@ def test_li_variants_match_the_published_shapes(name, variant):
 def test_li_variant_ids_and_refusals():
   """Catches the conv-id arithmetic (ResNet-56-A's stage-0 first convs keep 14 of 16, id 16 is whole) and variants
   requested for networks they were not defined on."""
-  a = baselines.li_variant_shape(shapes.preset("resnet56"), "A")
+  a = baselines.li_variant_shape(shape_files.preset("resnet56"), "A")
   assert [a.widths[i - 1] for i in range(2, 19, 2)] == [14] * 7 + [16, 14]
   assert [a.widths[i - 1] for i in (20, 22, 38, 40)] == [32, 28, 64, 57]
   assert all(a.widths[i - 1] == a.nominal[i - 1] for i in range(3, 56, 2))  # second convs keep their width
-  for base, variant, message in [(shapes.preset("resnet20"), "A", "exist for the CIFAR ResNet-56 or ResNet-110"),
-                                 (shapes.preset("resnet56"), "C", "variant must be one of A, B"),
+  for base, variant, message in [(shape_files.preset("resnet20"), "A", "exist for the CIFAR ResNet-56 or ResNet-110"),
+                                 (shape_files.preset("resnet56"), "C", "variant must be one of A, B"),
                                  (a, "B", "already pruned"),
-                                 (shapes.preset("imagenet-resnet18"), "A", "exist for the CIFAR")]:
+                                 (shape_files.preset("imagenet-resnet18"), "A", "exist for the CIFAR")]:
     with pytest.raises(baselines.PruneError, match=message):
       baselines.li_variant_shape(base, variant)
 
 
 def test_li_variant_prune_keeps_the_largest_filters():
   """Catches ranking by the wrong score or direction, or kept weights not gathered from the source."""
-  net = randomized(shapes.preset("resnet56"), seed=4)
+  net = randomized(shape_files.preset("resnet56"), seed=4)
   p = baselines.li_variant_prune(net, "B")
   assert p.shape == baselines.li_variant_shape(net.shape, "B") and p.variant == "B" and p.method == "l1"
   assert p.ratio == pytest.approx(ratio(p.shape))
@@ -375,7 +382,7 @@ def test_li_variant_prune_keeps_the_largest_filters():
 def test_slimming_percent_removes_that_share_of_the_channels(sparse_run):
   """Catches a threshold that is not the int(total * p)-th smallest |gamma| over every prunable channel, a >= where
   the rule keeps scales strictly above it, or a per-layer instead of a global cut."""
-  _, base = train.load_model(sparse_run)
+  _, base = models.load_model(sparse_run)
   p = baselines.slimming_percent(sparse_run, 0.4)
   check_gathered(base, p.model, p.kept)
   gammas = baselines.bn_scales(base)
@@ -395,17 +402,17 @@ def test_prune_cli_rules_of_the_papers(tmp_path, sparse_run, capsys):
   assert prune_cli.main(["--method", "l1", "--base", "resnet110", "--variant", "B", "--shape_only", "--out", out]) == 0
   printed = capsys.readouterr().out
   assert "38.6 % fewer" in printed and "shape only" in printed
-  assert shapes.load(out).widths == li_expected_widths("resnet110", "B")
+  assert shape_files.load(out).widths == li_expected_widths("resnet110", "B")
   info = baselines.pruning_info(out)
   assert info["variant"] == "B" and info["skip"] == [36, 38, 74] and not os.path.exists(baselines.weights_dir(out))
   run = str(tmp_path / "r56-run")  # a "trained" ResNet-56: random weights saved as a run's model
-  net = randomized(shapes.preset("resnet56"), seed=2)
-  train.save_model(os.path.join(run, train.MODEL_DIR), net.shape, nnx.state(net, nnx.Param),
+  net = randomized(shape_files.preset("resnet56"), seed=2)
+  models.save_model(os.path.join(run, models.MODEL_DIR), net.shape, nnx.state(net, nnx.Param),
                    nnx.state(net, nnx.BatchStat))
   out = str(tmp_path / "r56-A.json")
   assert prune_cli.main(["--method", "l1", "--base", run, "--variant", "A", "--out", out]) == 0
   assert "10.4 % fewer" in capsys.readouterr().out
-  loaded_shape, loaded = train.load_model(baselines.weights_dir(out))
+  loaded_shape, loaded = models.load_model(baselines.weights_dir(out))
   expected = baselines.li_variant_prune(net, "A")
   assert loaded_shape == expected.shape and baselines.pruning_info(out)["base"] == run
   np.testing.assert_array_equal(logits(loaded, images()), logits(expected.model, images()))

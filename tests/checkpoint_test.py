@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tas_jax import parallel
-from tas_jax.checkpoint import (CheckpointError, Checkpointer, CorruptCheckpointError,
+from tas_jax.runtime import parallel
+from tas_jax.runtime.checkpoint import (CheckpointError, Checkpointer, CorruptCheckpointError,
                                 FingerprintMismatchError, IncompatibleCheckpointError)
 
 # Orbax leaves failed read coroutines behind when a restore fails on purpose.
@@ -213,7 +213,7 @@ def test_corrupt_latest_step_is_detected_and_skipped(tmp_path, mesh, damage, cap
     assert "previous checkpoint is step 200" in message
     assert info.value.step == 300 and info.value.previous_step == 200
 
-    with caplog.at_level(logging.WARNING, logger="tas_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="tas_jax.runtime.checkpoint"):
       restored, meta, step = ckpt.restore_latest_valid(abstract, delete_invalid=True)
     assert step == 200 and meta == {"step": 200}
     np.testing.assert_array_equal(restored["w"], np.arange(1000, dtype=np.float32) + 200)
@@ -256,7 +256,7 @@ def test_unfinished_tmp_directory_is_ignored(tmp_path, mesh):
 _KILLED_WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from tas_jax.checkpoint import Checkpointer
+    from tas_jax.runtime.checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1], max_to_keep=2, fingerprint={"run": "kill"})
     base = np.arange(2_000_000, dtype=np.float32)
     for step in range(1, 1000):

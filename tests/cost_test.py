@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from tas_jax import cost, shapes
+from tas_jax.core import cost
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
 
 
 def _random_indices(space, rng):
@@ -21,7 +23,7 @@ def _random_probs(space, rng):
 
 
 def numpy_expected_cost(space, wp, dp, exact):
-  """TAS-SPEC 3.2 written out with loops, in float64 (exact=True adds the projection and depth mixing)."""
+  """METHOD.md §3.2 written out with loops, in float64 (exact=True adds the projection and depth mixing)."""
   lay, base = space.layout, space.base
   c = space.width_table.astype(np.float64)
   e = (wp * c).sum(1)
@@ -52,8 +54,8 @@ def numpy_expected_cost(space, wp, dp, exact):
   return total + in_e * base.num_classes + (base.num_classes if exact else 0)
 
 
-SPACES = {name: shapes.search_space(shapes.preset(name)) for name in ("resnet20", "resnet56", "resnet164")}
-SPACES["imagenet-resnet50"] = shapes.search_space(shapes.preset("imagenet-resnet50"))
+SPACES = {name: space_lib.search_space(shape_files.preset(name)) for name in ("resnet20", "resnet56", "resnet164")}
+SPACES["imagenet-resnet50"] = space_lib.search_space(shape_files.preset("imagenet-resnet50"))
 
 
 class CostTest(chex.TestCase, parameterized.TestCase):

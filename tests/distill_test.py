@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tas_jax import distill
+from tas_jax.core import distill
 
 
 def _log_softmax(z):

@@ -26,13 +26,14 @@ import time
 import pytest
 
 from conftest import ROOT
-from experiments.configs import search as search_configs
-from experiments.configs import train as train_configs
+from tas_jax.configs import search as search_configs
+from tas_jax.configs import train as train_configs
 from faults_test import (SEARCH_CONFIG, TRAIN_CONFIG, assert_same_arrays, assert_same_run, checkpoint_arrays,
                          checkpoint_steps, command, env, orbax_arrays, records, start,
                          steps_logged)
-from tas_jax import checkpoint, search, train
+from tas_jax.runtime import checkpoint
 
+from tas_jax.programs import search, train
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 SEED = int(os.environ.get("FAULTS_SEED", "20240611"))

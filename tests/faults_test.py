@@ -30,14 +30,17 @@ import pytest
 
 import data_fixtures
 from conftest import ROOT
-from experiments.configs import train as train_configs
-from tas_jax import checkpoint, data, engine, metrics, train
+from tas_jax.configs import train as train_configs
+from tas_jax.runtime import checkpoint, runs, metrics
 
 # Orbax leaves failed read coroutines behind when a restore of a damaged step fails.
+from tas_jax import data
+from tas_jax.programs import train
+from tas_jax.steps import train as train_lib
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-SEARCH_CONFIG = str(ROOT / "experiments" / "configs" / "search.py")
-TRAIN_CONFIG = str(ROOT / "experiments" / "configs" / "train.py")
+SEARCH_CONFIG = str(ROOT / "tas_jax" / "configs" / "search.py")
+TRAIN_CONFIG = str(ROOT / "tas_jax" / "configs" / "train.py")
 TINY_SEARCH = ["--config.model=resnet8", "--config.batch_size=16", "--config.num_train_examples=128",
                "--config.eval_examples=32"]
 TINY_TRAIN = ["--config.model=resnet8", "--config.batch_size=16", "--config.eval_batch_size=200",
@@ -52,7 +55,7 @@ def env():
 
 
 def command(program: str, config: str, workdir, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", f"experiments.{program}", "--config", config, *overrides, f"--workdir={workdir}"]
+  return [sys.executable, "-m", f"tas_jax.cli.{program}", "--config", config, *overrides, f"--workdir={workdir}"]
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -236,16 +239,16 @@ def test_unreadable_image_missing_and_truncated_data(tmp_path, monkeypatch):
   bad.write_bytes(b"not a png")
   config = train_config(dataset=str(tree), num_train_examples=0)
   with pytest.raises(data.DataError, match=r"unreadable image .*cat/1\.png.*on_bad_image='skip'"):
-    engine.load_data(config)
+    runs.load_data(config)
   config.on_bad_image = "skip"  # the documented way out: leave the file out
-  dataset = engine.load_data(config)
+  dataset = runs.load_data(config)
   assert dataset.num_examples("train") == 11 and dataset.num_examples("test") == 6
   with pytest.raises(data.DataError, match="does not exist"):
-    engine.load_data(train_config(dataset=str(tmp_path / "no" / "such" / "dir")))
+    runs.load_data(train_config(dataset=str(tmp_path / "no" / "such" / "dir")))
   archive = data_fixtures.pack_tar(tree, tmp_path / "data.tar.gz")
   archive.write_bytes(archive.read_bytes()[:200])
   with pytest.raises(data.DataError, match="truncated"):
-    engine.load_data(train_config(dataset=str(archive)))
+    runs.load_data(train_config(dataset=str(archive)))
 
 
 # ----------------------------------------------------------------------------- checkpoints of another run, corrupt ones
@@ -253,10 +256,10 @@ def test_unreadable_image_missing_and_truncated_data(tmp_path, monkeypatch):
 def test_checkpoint_of_another_configuration_is_refused_untouched(reference, tmp_path):
   workdir = copy_run(reference, tmp_path / "run")
   before = tree_digest(workdir)
-  with pytest.raises(engine.RunError) as info:
+  with pytest.raises(runs.RunError) as info:
     train.run(train_config(lr=0.05), workdir)
   assert "lr: checkpoint has 0.1, this run has 0.05" in str(info.value)
-  with pytest.raises(engine.RunError) as info:
+  with pytest.raises(runs.RunError) as info:
     train.run(train_config(model="resnet14"), workdir)
   message = str(info.value)
   assert "model: checkpoint has 'resnet8', this run has 'resnet14'" in message and "trained_shape" in message
@@ -284,7 +287,7 @@ def test_no_restorable_checkpoint_is_refused_untouched(reference, tmp_path):
   for step in checkpoint_steps(workdir):
     damage(pathlib.Path(workdir) / "checkpoints" / str(step))
   before = tree_digest(workdir)
-  with pytest.raises(engine.RunError, match=r"none of the checkpoints \[8, 10, 12\] .* restores.*move .* away"):
+  with pytest.raises(runs.RunError, match=r"none of the checkpoints \[8, 10, 12\] .* restores.*move .* away"):
     train.run(train_config(), workdir)
   assert tree_digest(workdir) == before
 
@@ -310,7 +313,7 @@ def test_stop_inside_an_epoch_resumes_with_identical_epoch_averages(reference, t
   assert train.run(train_config(stop_after_steps=5), workdir) == {"finished": False, "step": 5}
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     meta = ckpt.read_meta(5)
-  assert meta[engine.LOOP_META]["count"] == 1  # step 5 is the first of epoch 1
+  assert meta[runs.LOOP_META]["count"] == 1  # step 5 is the first of epoch 1
   assert train.run(train_config(), workdir)["finished"]
   assert_same_run(workdir, reference)
   assert [r["step"] for r in records(workdir) if "epoch_loss" in r] == [4, 8, 12]
@@ -346,7 +349,7 @@ def test_sigterm_saves_says_how_to_resume_and_resumes_exactly(reference, tmp_pat
 # ----------------------------------------------------------------------------- non-finite losses
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
-  compile_step = train.compile_step
+  compile_step = train_lib.compile_step
 
   def poisoned(*args, **kwargs):
     step_fn, seconds = compile_step(*args, **kwargs)
@@ -360,8 +363,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp
     return fn, seconds
 
   workdir = str(tmp_path / "run")
-  monkeypatch.setattr(train, "compile_step", poisoned)
-  with pytest.raises(engine.Diverged) as info:
+  monkeypatch.setattr(train_lib, "compile_step", poisoned)
+  with pytest.raises(runs.Diverged) as info:
     train.run(train_config(), workdir)
   message = str(info.value)
   assert "non-finite loss at step 7 (loss=nan" in message, message
@@ -370,14 +373,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp
   assert steps_logged(workdir) == 6 and all(np.isfinite(r.get("loss", 0)) for r in records(workdir))
   assert not os.path.exists(os.path.join(workdir, "result.json"))
   # The kept checkpoint is good: without the poison the run finishes as if nothing happened.
-  monkeypatch.setattr(train, "compile_step", compile_step)
+  monkeypatch.setattr(train_lib, "compile_step", compile_step)
   assert train.run(train_config(), workdir)["finished"]
   assert_same_run(workdir, reference)
 
 
 def test_huge_learning_rate_diverges_before_any_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  with pytest.raises(engine.Diverged, match=r"non-finite loss at step \d+ .*no checkpoint was written"):
+  with pytest.raises(runs.Diverged, match=r"non-finite loss at step \d+ .*no checkpoint was written"):
     train.run(train_config(lr=1e30, checkpoint_every_steps=0), workdir)
   assert checkpoint_steps(workdir) == [] and all(np.isfinite(r["loss"]) for r in records(workdir) if "loss" in r)
 
@@ -385,10 +388,10 @@ def test_huge_learning_rate_diverges_before_any_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- the pieces
 
 def test_keep_records_drops_repeated_epochs_and_cut_lines(tmp_path):
-  run = engine.Run(None, str(tmp_path), None, metrics.MetricWriter(str(tmp_path), tensorboard=False), True)
+  run = runs.Run(None, str(tmp_path), None, metrics.MetricWriter(str(tmp_path), tensorboard=False), True)
   lines = [json.dumps({"epoch": e}) for e in range(4)] + ['{"epoch": 4, "wid']
   (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
-  assert engine.keep_records(run, "log.jsonl", lambda r: (r["epoch"] + 1) * 3 <= 7) == 3
+  assert runs.keep_records(run, "log.jsonl", lambda r: (r["epoch"] + 1) * 3 <= 7) == 3
   assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tas_jax import cost, latency_table, parallel, search, shapes
+from tas_jax.core import cost
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
+from tas_jax.latency import table as latency_table
+from tas_jax.runtime import parallel
+from tas_jax.steps import search as search_lib
 from search_test import tiny_config
 
 
@@ -20,7 +25,7 @@ def fake_unit(kernel, stride, in_hw, cin, cout, batch_size, *, pool=False, relu=
 @pytest.fixture
 def tables(monkeypatch, tmp_path):
   monkeypatch.setattr(latency_table, "measure_unit", fake_unit)
-  space = shapes.search_space(shapes.preset("resnet14"))
+  space = space_lib.search_space(shape_files.preset("resnet14"))
   return space, latency_table.build_tables(space, batch_size=1, cache_dir=str(tmp_path), calibrate=False)
 
 
@@ -88,15 +93,15 @@ def test_a_real_unit_timing_is_positive():
 @pytest.mark.slow  # three searches and a vectorised one: half a minute
 def test_vectorised_targets_equal_single_searches():
   config = tiny_config()
-  problem, state = search.build(config, 10, 4)
+  problem, state = search_lib.build(config, 10, 4)
   mesh = parallel.make_mesh(jax.devices()[:1])
   rng = np.random.default_rng(0)
   batch = lambda: parallel.global_batch(mesh, {"images": rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
                                                "labels": rng.integers(0, 10, 16).astype(np.int32)})
   batches = [(batch(), batch()) for _ in range(3)]
   targets = jnp.asarray([0.3, 0.7], jnp.float32) * problem.max_macs
-  multi_step = search.compile_step(problem, mesh, targets=targets)
-  single_step = jax.jit(functools.partial(search.search_step, problem))
+  multi_step = search_lib.compile_step(problem, mesh, targets=targets)
+  single_step = jax.jit(functools.partial(search_lib.search_step, problem))
   stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)
   singles = [state, state]
   for tb, vb in batches:
@@ -117,5 +122,5 @@ def test_tables_round_trip_through_json(tables, tmp_path):
   path = str(tmp_path / "t.json")
   latency_table.save_tables(path, t)
   back = latency_table.load_tables(path)
-  shape = shapes.preset("resnet14")
+  shape = shape_files.preset("resnet14")
   assert latency_table.predict(space, back, shape) == latency_table.predict(space, t, shape)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tas_jax.metrics import MetricWriter, Progress, read_metrics
-from tas_jax.preemption import PreemptionGuard
+from tas_jax.runtime.metrics import MetricWriter, Progress, read_metrics
+from tas_jax.runtime.preemption import PreemptionGuard
 
 
 def _event_files(workdir):

@@ -23,7 +23,7 @@ def full_batch() -> np.ndarray:
 
 
 def main(coordinator: str, num_processes: int, process_id: int, shared: str) -> None:
-  from tas_jax import parallel  # pylint: disable=g-import-not-at-top
+  from tas_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 
   # Joining the cluster has to come before anything starts the JAX backend.
   index, count = parallel.initialize_distributed(coordinator, num_processes, process_id)
@@ -34,9 +34,9 @@ def main(coordinator: str, num_processes: int, process_id: int, shared: str) -> 
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from tas_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from tas_jax.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
-  from tas_jax.preemption import PreemptionGuard  # pylint: disable=g-import-not-at-top
+  from tas_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from tas_jax.runtime.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
+  from tas_jax.runtime.preemption import PreemptionGuard  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh()
   per_process = parallel.local_batch_size(GLOBAL_BATCH)

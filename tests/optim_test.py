@@ -1,4 +1,4 @@
-"""Optimisers (TAS-SPEC 4.1) against NumPy re-implementations of torch.optim.SGD and torch.optim.Adam."""
+"""Optimisers (METHOD.md §4.1) against NumPy re-implementations of torch.optim.SGD and torch.optim.Adam."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from absl.testing import parameterized
 
-from tas_jax import optim, schedules
+from tas_jax.core import optim, schedules
 
 
 def torch_sgd(p, grads, lrs, momentum, weight_decay, nesterov):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from tas_jax import parallel
+from tas_jax.runtime import parallel
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ The fixtures in tests/fixtures/parity are written by ``make parity-fixtures``
 (tools/parity/make_fixtures.py, in a virtual environment of its own with torch
 and xautodl); these tests need neither. The official search network's weights,
 per-candidate batch norms and architecture logits are loaded into a
-:class:`tas_jax.supernet.Supernet`, both networks see the same forced sample
+:class:`tas_jax.nets.supernet.Supernet`, both networks see the same forced sample
 (Gumbel noise and drawn width indices saved by the script; the weights are
 recomputed here from the logits by the official formula, so gradients reach
 the logits), and logits, running statistics, the loss gradients with respect
@@ -25,8 +25,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tas_jax import cost, distill, schedules, shapes, supernet, train
+from tas_jax.core import cost, distill, schedules
+from tas_jax.core import shape_files
 
+from tas_jax.nets import supernet
+from tas_jax.steps import train as train_lib
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "parity"
 OFFICIAL = supernet.SupernetConfig(exact_cost=False, shortcut_bn=True, block_relu=True, bn_groups=0)
 MFLOPS = 1e6  # the official cost unit, in MACs
@@ -65,7 +68,7 @@ def _candidates(fx, prefix):
 
 def load_official(fx, depth: int) -> supernet.Supernet:
   """A tas_jax supernet in official mode carrying every number of the official network; all of them are used."""
-  model = supernet.build(shapes.preset(f"resnet{depth}"), OFFICIAL)
+  model = supernet.build(shape_files.preset(f"resnet{depth}"), OFFICIAL)
   used = set()
 
   def get(key):
@@ -224,7 +227,7 @@ def test_costs_and_genotypes(depth):
   projection the pruned net adds, the recorded width after a truncated stage, the classifier term) and a
   genotype read from the logits differently (xchannels with the input channels first, xblocks as counts)."""
   fx = _fixture("costs.npz")
-  space = supernet.make_space(shapes.preset(f"resnet{depth}"), OFFICIAL)
+  space = supernet.make_space(shape_files.preset(f"resnet{depth}"), OFFICIAL)
   assert space.width_mask.all() and space.depth_mask.all()
   p = f"resnet{depth}/"
   for wl, dl, e, f, xchannels, xblocks in zip(*(fx[p + k] for k in ("width_logits", "depth_logits", "expected",
@@ -282,11 +285,11 @@ def test_training_plan_official_option():
   schedule or running a different number of epochs (E + W)."""
   fx = _fixture("schedules.npz")
   for key, epochs, warmup, steps, base in _lr_settings(fx):
-    if warmup != train.effective_warmup(warmup, epochs):
+    if warmup != train_lib.effective_warmup(warmup, epochs):
       continue  # short runs shorten the warmup on purpose
     config = ml_collections.ConfigDict(dict(mode="scratch", epochs=epochs, lr=base, lr_schedule="cosine",
                                             warmup_epochs=warmup, official_tail=True, lr_per_epoch=True))
-    plan = train.make_plan(config, shapes.preset("resnet20"))
+    plan = train_lib.make_plan(config, shape_files.preset("resnet20"))
     assert plan.epochs * steps == len(fx[key]), key
     got = np.asarray(plan.lr_fn(steps)(jnp.arange(len(fx[key]))))
     np.testing.assert_allclose(got, fx[key], rtol=1e-6, atol=1e-8, err_msg=key)

@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import train as train_configs
-from tas_jax import data, parallel, resnet, search, shapes, train
+from tas_jax.configs import train as train_configs
+from tas_jax import data
+from tas_jax.steps import search as search_lib
+from tas_jax.steps import train as train_lib
+from tas_jax.runtime import parallel
+from tas_jax.nets import resnet
+from tas_jax.core import shape_files
 from search_test import tiny_config
 
 
@@ -19,11 +24,11 @@ def test_bfloat16_training_learns_with_float32_parameters():
   mesh = parallel.make_mesh(jax.devices()[:1])
   cfg = train_configs.get_config("resnet8,smoke")
   cfg.dtype, cfg.batch_size, cfg.lr, cfg.mode = "bfloat16", 32, 0.05, "base"
-  shape = shapes.preset("resnet8")
+  shape = shape_files.preset("resnet8")
   net = resnet.build(shape, 0, jnp.bfloat16)
-  problem, state, _ = train.build(cfg, net, train.make_plan(cfg, shape), 100)
+  problem, state, _ = train_lib.build(cfg, net, train_lib.make_plan(cfg, shape), 100)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
-  step, _ = train.compile_step(problem, mesh, parallel.replicate(state, mesh), 32, 32)
+  step, _ = train_lib.compile_step(problem, mesh, parallel.replicate(state, mesh), 32, 32)
   state = parallel.replicate(state, mesh)
   batch = _fixed_batch(mesh)
   losses = []
@@ -39,8 +44,8 @@ def test_bfloat16_training_learns_with_float32_parameters():
 def test_bfloat16_search_step_runs_and_reduces_the_weight_loss():
   mesh = parallel.make_mesh(jax.devices()[:1])
   cfg = tiny_config(dtype="bfloat16", batch_size=32)
-  problem, state = search.build(cfg, 10, 4)
-  step = search.compile_step(problem, mesh)
+  problem, state = search_lib.build(cfg, 10, 4)
+  step = search_lib.compile_step(problem, mesh)
   state = parallel.replicate(state, mesh)
   batch = _fixed_batch(mesh)
   losses = []

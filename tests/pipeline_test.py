@@ -11,11 +11,15 @@ import pytest
 
 import report_test
 from conftest import ROOT
-from experiments import pipeline as pipeline_cli
-from experiments.configs import pipeline as pipeline_configs
-from tas_jax import engine, pipeline, shapes
+from tas_jax.cli import pipeline as pipeline_cli
+from tas_jax.configs import pipeline as pipeline_configs
+from tas_jax.runtime import runs
+from tas_jax.runtime import files
 
 
+from tas_jax.programs import pipeline
+from tas_jax.runtime import stages as pipeline_dir
+from tas_jax.core import shape_files
 def test_presets_build():
   for name in pipeline_configs.PRESETS:
     c = pipeline_configs.get_config(name)
@@ -31,7 +35,7 @@ def test_presets_build():
 def test_stage_configs_share_keys_and_wire_paths():
   c = pipeline_configs.get_config("demo")
   c.dataset, c.seed, c.model, c.target_flops_ratio, c.num_train_examples = "cifar100", 3, "resnet8", 0.6, 100
-  stages = {s: pipeline.stage_config(c, "runs/x/", s) for s in pipeline.STAGES}
+  stages = {s: pipeline.stage_config(c, "runs/x/", s) for s in pipeline_dir.STAGES}
   for s in ("base", "search", "kd"):
     assert (stages[s].dataset, stages[s].seed, stages[s].model, stages[s].num_train_examples) == \
         ("cifar100", 3, "resnet8", 100), s
@@ -56,11 +60,11 @@ def test_stage_commands_rerun_a_stage_alone():
   c = pipeline_configs.get_config("demo")
   c.protocol = True
   base = pipeline_cli.stage_command("base", pipeline.stage_config(c, "runs/d", "base"), "runs/d/base")
-  assert base.startswith("python -m experiments.train --config experiments/configs/train.py:resnet14,official ")
+  assert base.startswith("python -m tas_jax.cli.train --config tas_jax/configs/train.py:resnet14,official ")
   assert "--config.epochs=5" in base and "--config.dataset=synthetic" in base and base.endswith("--workdir runs/d/base")
   assert "--config.lr=" not in base  # only what differs from the recipe
   search = pipeline_cli.stage_command("search", pipeline.stage_config(c, "runs/d", "search"), "runs/d/search")
-  assert search.startswith("python -m experiments.search --config experiments/configs/search.py:resnet14,official")
+  assert search.startswith("python -m tas_jax.cli.search --config tas_jax/configs/search.py:resnet14,official")
   proto = pipeline_cli.stage_command("protocol", pipeline.stage_config(c, "runs/d", "protocol"), "runs/d/protocol")
   assert "--shape runs/d/search/shape.json --teacher runs/d/base" in proto and "--set epochs=5" in proto
 
@@ -90,7 +94,7 @@ class FakeStages:
       else:
         report_test.write_protocol(root)
       if stage != "protocol":
-        engine.write_json(os.path.join(workdir, "config.json"), engine.config_dict(config))
+        files.write_json(os.path.join(workdir, "config.json"), runs.config_dict(config))
       return {"finished": True}
 
     return run
@@ -111,7 +115,7 @@ def test_finished_stages_are_skipped_and_stopped_ones_resumed(tmp_path, monkeypa
   out = pipeline.run(small_config(), workdir, report=False, on_stage=lambda s, st: seen.append((s, st)))
   assert not out["finished"] and out["stages"] == {"base": "done", "search": "stopped"}
   assert fake.calls == ["base", "search"]
-  state = pipeline.read_state(workdir)
+  state = pipeline_dir.read_state(workdir)
   assert state["stages"]["search"]["status"] == "stopped" and not state["finished"]
   base_result = os.path.join(workdir, "base", "result.json")
   mtime = os.stat(base_result).st_mtime_ns
@@ -119,7 +123,7 @@ def test_finished_stages_are_skipped_and_stopped_ones_resumed(tmp_path, monkeypa
   assert out["finished"] and out["stages"] == {"base": "skipped", "search": "done", "kd": "done"}
   assert fake.calls == ["base", "search", "search", "kd"]
   assert os.stat(base_result).st_mtime_ns == mtime
-  state = pipeline.read_state(workdir)
+  state = pipeline_dir.read_state(workdir)
   assert state["stages"]["search"]["invocations"] == 2 and state["finished"]
   assert all(state["stages"][s]["status"] == "done" for s in ("base", "search", "kd"))
   assert ("kd", "started") in seen and ("base", "skipped") in seen
@@ -130,22 +134,22 @@ def test_finished_stages_are_skipped_and_stopped_ones_resumed(tmp_path, monkeypa
   # Asking for the baselines afterwards runs only them.
   out = pipeline.run(small_config(protocol=True), workdir, report=False)
   assert fake.calls[-1] == "protocol" and out["stages"]["protocol"] == "done"
-  assert pipeline.is_complete(workdir, "protocol", pipeline.stage_config(small_config(True), workdir, "protocol"))
+  assert pipeline_dir.is_complete(workdir, "protocol", pipeline.stage_config(small_config(True), workdir, "protocol"))
   more = small_config(True)
   more.baselines.seeds = 3
-  assert not pipeline.is_complete(workdir, "protocol", pipeline.stage_config(more, workdir, "protocol"))
+  assert not pipeline_dir.is_complete(workdir, "protocol", pipeline.stage_config(more, workdir, "protocol"))
 
 
 def test_incomplete_results_are_not_finished(tmp_path):
   root = str(tmp_path)
   report_test.write_base(root)
-  assert pipeline.is_complete(root, "base")
+  assert pipeline_dir.is_complete(root, "base")
   os.remove(os.path.join(root, "base", "model", "shape.json"))  # no teacher to distil from
-  assert not pipeline.is_complete(root, "base")
+  assert not pipeline_dir.is_complete(root, "base")
   report_test.write_search(root)
   with open(os.path.join(root, "search", "result.json"), "w") as f:
     f.write('{"finished": tr')  # cut short
-  assert not pipeline.is_complete(root, "search")
+  assert not pipeline_dir.is_complete(root, "search")
 
 
 def test_a_finished_stage_under_another_configuration_is_refused(tmp_path, monkeypatch):
@@ -155,27 +159,27 @@ def test_a_finished_stage_under_another_configuration_is_refused(tmp_path, monke
   pipeline.run(small_config(), workdir, report=False)
   changed = small_config()
   before, changed.search.epochs = changed.search.epochs, 7
-  with pytest.raises(engine.RunError, match=rf"stage search .* another configuration \(epochs: {before} -> 7\)"):
+  with pytest.raises(runs.RunError, match=rf"stage search .* another configuration \(epochs: {before} -> 7\)"):
     pipeline.run(changed, workdir, report=False)
   harmless = small_config()
   harmless.kd.log_every_steps = 1  # does not change what is trained
   assert pipeline.run(harmless, workdir, report=False)["finished"]
   # A search run again (another shape) leaves the distilled network stale.
-  shape = shapes.load(os.path.join(workdir, "search", "shape.json"))
-  shapes.save(shape.replace(blocks=(3, 3, 3)), os.path.join(workdir, "search", "shape.json"))
-  with pytest.raises(engine.RunError, match=r"stage kd .* another configuration \(searched shape: "):
+  shape = shape_files.load(os.path.join(workdir, "search", "shape.json"))
+  shape_files.save(shape.replace(blocks=(3, 3, 3)), os.path.join(workdir, "search", "shape.json"))
+  with pytest.raises(runs.RunError, match=r"stage kd .* another configuration \(searched shape: "):
     pipeline.run(small_config(), workdir, report=False)
 
 
 def test_report_only_command_line(tmp_path):
   root = report_test.make_standin(tmp_path / "p", protocol=False)
-  out = subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config",
-                        "experiments/configs/pipeline.py:demo", "--workdir", root, "--report_only"], cwd=ROOT,
+  out = subprocess.run([sys.executable, "-m", "tas_jax.cli.pipeline", "--config",
+                        "tas_jax/configs/pipeline.py:demo", "--workdir", root, "--report_only"], cwd=ROOT,
                        capture_output=True, text=True, timeout=180)
   assert out.returncode == 0, out.stderr
   assert f"report: {os.path.join(root, 'report.md')}" in out.stdout
-  bad = subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config",
-                        "experiments/configs/pipeline.py:nope", "--workdir", root], cwd=ROOT, capture_output=True,
+  bad = subprocess.run([sys.executable, "-m", "tas_jax.cli.pipeline", "--config",
+                        "tas_jax/configs/pipeline.py:nope", "--workdir", root], cwd=ROOT, capture_output=True,
                        text=True, timeout=180)
   assert bad.returncode != 0 and "unknown pipeline preset" in bad.stderr
 
@@ -200,9 +204,9 @@ def tiny_config():
 @pytest.mark.slow  # `make demo` runs the same stages at full demo size
 def test_end_to_end_on_synthetic_data(tmp_path):
   workdir = str(tmp_path / "p")
-  out = pipeline.run(tiny_config(), workdir, command="python -m experiments.pipeline ...")
+  out = pipeline.run(tiny_config(), workdir, command="python -m tas_jax.cli.pipeline ...")
   assert out["finished"] and out["stages"] == {"base": "done", "search": "done", "kd": "done"}
-  searched = shapes.load(os.path.join(workdir, "search", "shape.json"))
+  searched = shape_files.load(os.path.join(workdir, "search", "shape.json"))
   kd = json.load(open(os.path.join(workdir, "kd", "result.json")))
   assert kd["shape"] == searched.to_dict() and kd["teacher"] == os.path.join(workdir, "base")
   text = open(out["report"]).read()

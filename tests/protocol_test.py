@@ -4,13 +4,17 @@ import statistics
 
 import pytest
 
-from experiments import compare as compare_cli
-from experiments import protocol as protocol_cli
-from experiments import prune as prune_cli
-from experiments.configs import train as train_configs
-from tas_jax import baselines, cost, protocol, shapes, train
+from tas_jax.cli import compare as compare_cli
+from tas_jax.cli import protocol as protocol_cli
+from tas_jax.cli import prune as prune_cli
+from tas_jax.configs import train as train_configs
+from tas_jax import baselines
 
 # Tiny runs: 32 synthetic examples in 2 steps of 16, one epoch, on one device.
+from tas_jax.programs import protocol, train
+from tas_jax.report import tables
+from tas_jax.core import cost
+from tas_jax.core import shape_files
 TINY = ["--recipe", "smoke", "--config.num_train_examples=32", "--config.batch_size=16", "--set",
         "eval_batch_size=200", "--set", "num_devices=1", "--set", "epochs=1", "--set", "log_every_steps=1"]
 
@@ -45,13 +49,13 @@ def results_of(workdir, variant):
 def test_protocol_trains_every_variant_with_two_seeds(finished, teacher):
   workdir, pruned, _ = finished
   summary = json.load(open(os.path.join(workdir, "protocol.json")))
-  shape = shapes.load(pruned)
+  shape = shape_files.load(pruned)
   assert summary["label"] == "l1" and summary["seeds"] == 2 and summary["recipe"] == "smoke"
   assert summary["macs"] == cost.count(shape).macs and summary["params"] == cost.count(shape).params
   assert set(summary["variants"]) == set(protocol.VARIANTS)
   expected = {"kd": ("kd", "epochs"), "scratch-e": ("scratch", "epochs"), "scratch-b": ("scratch", "flops"),
               "finetune": ("finetune", "epochs")}
-  full = cost.count(shapes.preset("resnet8")).macs
+  full = cost.count(shape_files.preset("resnet8")).macs
   for variant, entry in summary["variants"].items():
     results = results_of(workdir, variant)
     assert entry["n"] == 2 and [r["seed"] for r in results] == [0, 1]
@@ -159,8 +163,8 @@ def test_overrides_and_labels():
   assert (c.milestones, c.nesterov, c.lr, c.epochs, c.dataset) == ((3, 6), False, 0.05, 4, "cifar10")
   assert protocol.config_flags_to_set(["--config.lr=0.1", "--config.epochs", "3", "--seeds", "2"]) == [
       "--set", "lr=0.1", "--set", "epochs=3", "--seeds", "2"]
-  assert protocol.family_preset(shapes.preset("tas-c10-resnet56")) == "resnet56"
-  assert protocol.family_preset(shapes.preset("imagenet-resnet50")) == "imagenet-resnet50"
+  assert protocol.family_preset(shape_files.preset("tas-c10-resnet56")) == "resnet56"
+  assert protocol.family_preset(shape_files.preset("imagenet-resnet50")) == "imagenet-resnet50"
   assert protocol.label_for("tas-c10-resnet20") == "searched"
-  assert protocol.label_for("resnet20", shape=shapes.preset("resnet20")) == "unpruned"
-  assert protocol.mean_std([0.5]) == (0.5, 0.0)
+  assert protocol.label_for("resnet20", shape=shape_files.preset("resnet20")) == "unpruned"
+  assert tables.mean_std([0.5]) == (0.5, 0.0)

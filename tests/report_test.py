@@ -12,15 +12,19 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from tas_jax import cost, pipeline, report, shapes, supernet
+from tas_jax.core import cost, shapes
+from tas_jax.core import shape_files
 
+from tas_jax.runtime import stages as pipeline_dir
+from tas_jax import report
+from tas_jax.nets import supernet
 FIGURES = ("widths.png", "depth.png", "search_flops.png", "arch_probs.png", "training.png", "accuracy_macs.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def searched_shape() -> shapes.Shape:
   """A pruned ResNet-20: narrower convs everywhere, stage 2 keeps 2 of its 3 blocks."""
-  base = shapes.preset("resnet20")
+  base = shape_files.preset("resnet20")
   space = supernet.make_space(base, supernet.SupernetConfig())
   wi = np.array([(l * 3) % 8 for l in range(space.num_convs)], np.int32)
   wi = np.minimum(wi, space.width_mask.sum(1) - 1)
@@ -30,7 +34,7 @@ def searched_shape() -> shapes.Shape:
 
 def _save_shape(shape, path):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  shapes.save(shape, path)
+  shape_files.save(shape, path)
 
 
 def _write(path, obj):
@@ -47,7 +51,7 @@ def _write_jsonl(path, records):
 
 
 def write_base(root, epochs=3, top1=0.61):
-  full = shapes.preset("resnet20")
+  full = shape_files.preset("resnet20")
   c = cost.count(full)
   d = os.path.join(root, "base")
   _write(os.path.join(d, "result.json"), {"finished": True, "mode": "base", "recipe": "official", "test_top1": top1,
@@ -132,13 +136,13 @@ def write_protocol(root, shape=None):
 
 
 def write_state(root, protocol=True):
-  _write(os.path.join(root, pipeline.STATE_FILE),
+  _write(os.path.join(root, pipeline_dir.STATE_FILE),
          {"preset": "demo", "model": "resnet20", "dataset": "synthetic", "finished": True,
-          "command": "python -m experiments.pipeline --config experiments/configs/pipeline.py:demo --workdir runs/x",
-          "stage_commands": {"base": "python -m experiments.train --workdir runs/x/base"},
+          "command": "python -m tas_jax.cli.pipeline --config tas_jax/configs/pipeline.py:demo --workdir runs/x",
+          "stage_commands": {"base": "python -m tas_jax.cli.train --workdir runs/x/base"},
           "config": {"protocol": protocol},
           "stages": {s: {"status": "done", "wall_s": 10.0 * (i + 1), "invocations": 1}
-                     for i, s in enumerate(pipeline.STAGES if protocol else pipeline.STAGES[:3])}})
+                     for i, s in enumerate(pipeline_dir.STAGES if protocol else pipeline_dir.STAGES[:3])}})
 
 
 def make_standin(root, protocol=True) -> str:
@@ -165,8 +169,8 @@ def test_report_writes_and_references_every_figure(tmp_path):
       assert f.read(8) == PNG_MAGIC, rel
   assert not any(name.endswith(".tmp.png") for name in os.listdir(os.path.join(root, "figures")))
   for needle in ("## Summary", "| unpruned (base) |", "| searched + KD (kd) |", "protocol: Scratch-B",
-                 "tensorboard --logdir", "python -m tas_jax.report", "python -m experiments.pipeline",
-                 "python -m experiments.train", "Inference latency"):
+                 "tensorboard --logdir", "python -m tas_jax.cli.report", "python -m tas_jax.cli.pipeline",
+                 "python -m tas_jax.cli.train", "Inference latency"):
     assert needle in text, needle
   # Every figure has a caption paragraph right after it.
   for rel in referenced:
@@ -178,7 +182,7 @@ def test_summary_table_values(tmp_path):
   root = make_standin(tmp_path / "p")
   rows = {r["name"]: r for r in report.summary_rows(root)}
   base = rows["unpruned (base)"]
-  assert base["macs"] == cost.count(shapes.preset("resnet20")).macs and base["top1"] == 0.61 and base["wall_s"] == 10.0
+  assert base["macs"] == cost.count(shape_files.preset("resnet20")).macs and base["top1"] == 0.61 and base["wall_s"] == 10.0
   kd = rows["searched + KD (kd)"]
   assert kd["macs"] == cost.count(searched_shape()).macs and kd["top1"] == 0.58 and kd["wall_s"] == 30.0
   assert kd["ratio"] == pytest.approx(kd["macs"] / base["macs"])
@@ -210,7 +214,7 @@ def test_depth_data():
 def test_search_curves(tmp_path):
   d = write_search(str(tmp_path), epochs=3, spe=10, log_every=2)
   result = json.load(open(os.path.join(d, "result.json")))
-  c = report.search_curves(report._read_jsonl(os.path.join(d, "metrics.jsonl")), result)
+  c = report.search_curves(report.read_jsonl(os.path.join(d, "metrics.jsonl")), result)
   assert c["epoch"] == [s / 10 for s in range(2, 31, 2)]
   assert c["flops_ratio"] == pytest.approx([0.8 - 0.01 * s for s in range(2, 31, 2)])
   assert c["expected_flops_ratio"] == pytest.approx([0.7 - 0.005 * s for s in range(2, 31, 2)])
@@ -236,10 +240,10 @@ def test_arch_prob_data_expected_widths():
   np.testing.assert_allclose(d["width_ratio"][0], mean)
   assert d["depth_labels"] == [(s, b) for s in (1, 2, 3) for b in (1, 2, 3)]
   assert d["depth"][0] == [1.0 if b == k else 0.0 for s, k in enumerate(shape.blocks) for b in (1, 2, 3)]
-  assert report._flat_note(d) == ""  # one-hot depths: the search has decided
+  assert report.markdown.flat_note(d) == ""  # one-hot depths: the search has decided
   flat = report.arch_prob_data([{"epoch": 0, "width": uniform_w.tolist(),
                                  "depth": (space.depth_mask / space.depth_mask.sum(1, keepdims=True)).tolist()}], space)
-  assert "near-ties" in report._flat_note(flat)
+  assert "near-ties" in report.markdown.flat_note(flat)
   with pytest.raises(ValueError, match="do not fit"):
     report.arch_prob_data([{"epoch": 0, "width": [[1.0]], "depth": [[1.0]]}], space)
 
@@ -247,7 +251,7 @@ def test_arch_prob_data_expected_widths():
 def test_accuracy_points(tmp_path):
   root = make_standin(tmp_path / "p")
   points = {p["label"]: p for p in report.accuracy_points(root)}
-  assert points["unpruned (base)"]["macs"] == cost.count(shapes.preset("resnet20")).macs
+  assert points["unpruned (base)"]["macs"] == cost.count(shape_files.preset("resnet20")).macs
   assert points["searched + KD (kd)"]["top1"] == 0.58
   assert points["Scratch-B (protocol, 2 seeds)"]["top1"] == pytest.approx(0.565)
   assert {p["kind"] for p in points.values()} == {"base", "kd", "baseline"}
@@ -264,11 +268,11 @@ def test_partial_pipeline_report(tmp_path):
 
 def test_command_line(tmp_path):
   root = make_standin(tmp_path / "p", protocol=False)
-  out = subprocess.run([sys.executable, "-m", "tas_jax.report", root], cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "tas_jax.cli.report", root], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == os.path.join(root, "report.md")
   assert all(os.path.isfile(os.path.join(root, "figures", f)) for f in FIGURES)
-  bad = subprocess.run([sys.executable, "-m", "tas_jax.report", str(tmp_path / "missing")], cwd=ROOT,
+  bad = subprocess.run([sys.executable, "-m", "tas_jax.cli.report", str(tmp_path / "missing")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "not a directory" in bad.stderr

@@ -1,4 +1,4 @@
-"""Gumbel sampling (TAS-SPEC 2.1) against NumPy references written from the formulas."""
+"""Gumbel sampling (METHOD.md §2.1) against NumPy references written from the formulas."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from absl.testing import parameterized
 from scipy import stats
 
-from tas_jax import ops, sampling
 
 
+from tas_jax.core import sampling
 def np_softmax(x: np.ndarray) -> np.ndarray:
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
@@ -311,25 +311,6 @@ class SamplerLawTest(chex.TestCase):
     # Power: the law without the Gumbel perturbation is clearly rejected.
     pi = np_softmax(logits.astype(np.float64))
     self.assertLess(p_value(obs1, n_draws * pi), 1e-6)
-
-
-class ArgmaxChoiceTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(((6, 8), False), ((2, 3, 5), True), ((9,), True))
-  def test_matches_numpy(self, shape, masked):
-    rng = np.random.default_rng(len(shape) + shape[-1])
-    logits = rng.normal(size=shape).astype(np.float32)
-    mask = random_mask(rng, shape, 1) if masked else None
-    got = self.variant(sampling.argmax_choice)(logits, mask)
-    chex.assert_type(got, jnp.int32)
-    want = np.argmax(logits if mask is None else np.where(mask, logits, -np.inf), -1)
-    np.testing.assert_array_equal(got, want)
-
-
-def test_ops_facade_reexports():
-  for name in ("gumbel_noise", "gumbel_softmax", "sample_widths", "sample_depth", "argmax_choice"):
-    assert getattr(ops, name) is getattr(sampling, name)
 
 
 if __name__ == "__main__":

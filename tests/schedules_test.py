@@ -1,4 +1,4 @@
-"""Temperature and learning-rate schedules (TAS-SPEC 4.1, 4.2) against plain-Python references."""
+"""Temperature and learning-rate schedules (METHOD.md §4.1, 4.2) against plain-Python references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from tas_jax import schedules
+from tas_jax.core import schedules
 
 
 def ref_tau_cosine(e, total, hi, lo):

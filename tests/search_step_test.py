@@ -16,8 +16,12 @@ import pytest
 from flax import nnx
 
 from search_test import tiny_config
-from tas_jax import cost, search, shapes, supernet
+from tas_jax.core import cost
+from tas_jax.core import shape_files
 
+from tas_jax.programs import search
+from tas_jax.steps import search as search_lib
+from tas_jax.nets import supernet
 BATCH = 16
 
 
@@ -35,7 +39,7 @@ def batch(seed):
 
 @functools.lru_cache(maxsize=None)
 def problem_and_state(**overrides):
-  return search.build(config(**overrides), 10, 4)
+  return search_lib.build(config(**overrides), 10, 4)
 
 
 def fresh(**overrides):
@@ -49,7 +53,7 @@ def same(a, b):
 
 @functools.lru_cache(maxsize=None)
 def jitted(problem, name):
-  fn = getattr(search, name)
+  fn = getattr(search_lib, name)
   if name == "weight_step":
     return jax.jit(lambda st, b, keys, tau: fn(problem, st, b, keys, tau))
   if name == "arch_step":
@@ -61,7 +65,7 @@ def test_each_half_changes_only_its_own_state():
   """Catches: the weight step moving the architecture (or its Adam state), the architecture step moving the
   weights (or the SGD momentum), and running statistics not following ``arch_step_updates_bn``."""
   problem, state = fresh()
-  w_keys, a_keys = search.step_keys(problem, 0)
+  w_keys, a_keys = search_lib.step_keys(problem, 0)
   after_w, _ = jitted(problem, "weight_step")(state, batch(0), w_keys, 2.0)
   assert same(after_w["arch"], state["arch"]) and same(after_w["a_opt"], state["a_opt"])
   assert not same(after_w["weights"], state["weights"]) and not same(after_w["w_opt"], state["w_opt"])
@@ -98,7 +102,7 @@ def test_undrawn_candidates_and_the_weight_optimiser(freeze):
   problem, state = fresh(freeze_undrawn_bn=freeze)
   step = jitted(problem, "weight_step")
   for s in range(2):  # two steps, so that momentum from the first step could leak into the second
-    w_keys, _ = search.step_keys(problem, s)
+    w_keys, _ = search_lib.step_keys(problem, s)
     model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
     idx = model.sample(w_keys[1], 2.0).idx  # the draw of this weight step, replayed
     before_drawn, before_undrawn = _bn_rows(problem, state, idx)
@@ -137,7 +141,7 @@ def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
   problem, state = fresh(cost_weight=weight, target_flops_ratio=0.5)
   full = cost.count(problem.space.base).macs
   low, high = cost.cost_band(0.5 * full, full, "official", 0.05)
-  _, a_keys = search.step_keys(problem, 0)
+  _, a_keys = search_lib.step_keys(problem, 0)
   arch_step = jitted(problem, "arch_step")
   for column, sign in ((-1, 1.0), (0, -1.0)):
     st, model = _set_arch(problem, state, column)
@@ -159,7 +163,7 @@ def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
 def test_sub_steps_and_iterations_draw_distinct_keys(monkeypatch):
   """Catches: the weight and architecture steps sharing one Gumbel sample or augmentation, or every iteration
   reusing the keys of the first."""
-  original_w, original_a = search.weight_step, search.arch_step
+  original_w, original_a = search_lib.weight_step, search_lib.arch_step
 
   def spy_w(problem, state, b, keys, tau):
     new, m = original_w(problem, state, b, keys, tau)
@@ -169,10 +173,10 @@ def test_sub_steps_and_iterations_draw_distinct_keys(monkeypatch):
     new, m = original_a(problem, state, b, keys, tau, target)
     return new, {**m, "a_keys": jnp.stack([jax.random.key_data(k) for k in keys])}
 
-  monkeypatch.setattr(search, "weight_step", spy_w)
-  monkeypatch.setattr(search, "arch_step", spy_a)
+  monkeypatch.setattr(search_lib, "weight_step", spy_w)
+  monkeypatch.setattr(search_lib, "arch_step", spy_a)
   problem, state = fresh()
-  step = jax.jit(lambda st, tb, vb, tau: search.search_step(problem, st, tb, vb, tau))
+  step = jax.jit(lambda st, tb, vb, tau: search_lib.search_step(problem, st, tb, vb, tau))
   keys = []
   for s in range(2):
     state, m = step(state, batch(s), batch(s + 10), jnp.float32(2.0))
@@ -188,15 +192,15 @@ def test_official_run_trains_the_raw_argmax_and_writes_the_best_genotype(tmp_pat
   assert not c.fit_to_band and not c.exact_cost and c.valid_sampling == "replacement"
   out = str(tmp_path / "run")
   result = search.run(c, out)
-  last = shapes.load(os.path.join(out, "shapes", "epoch_002.json"))
-  assert shapes.load(os.path.join(out, "shape.json")) == last == shapes.load(os.path.join(out, "shape_argmax.json"))
+  last = shape_files.load(os.path.join(out, "shapes", "epoch_002.json"))
+  assert shape_files.load(os.path.join(out, "shape.json")) == last == shape_files.load(os.path.join(out, "shape_argmax.json"))
   records = [json.loads(l) for l in open(os.path.join(out, "genotypes.jsonl"))]
   assert [r["epoch"] for r in records] == [0, 1, 2]
   in_band = [r for r in records if abs(r["flops_ratio"] - 0.5) <= 0.05]
   if in_band:
     best = max(in_band, key=lambda r: (r["val_acc"], r["epoch"]))
     assert result["best_epoch"] == best["epoch"]
-    assert shapes.load(os.path.join(out, "shape_best.json")) == shapes.load(os.path.join(out, best["shape"]))
+    assert shape_files.load(os.path.join(out, "shape_best.json")) == shape_files.load(os.path.join(out, best["shape"]))
   else:
     assert not os.path.exists(os.path.join(out, "shape_best.json")) and "best_epoch" not in result
   spe = result["steps"] // 3
@@ -216,8 +220,8 @@ def test_best_genotype_rule(tmp_path):
   recs = [(0, 0.30, 0.51), (1, 0.50, 0.56), (2, 0.45, 0.46), (3, 0.40, 0.54), (4, 0.20, 0.50)]
   path.write_text("".join(json.dumps({"epoch": e, "val_acc": a, "flops_ratio": r, "shape": f"s{e}"}) + "\n"
                           for e, a, r in recs))
-  assert search.best_genotype(str(path), 0.5)["epoch"] == 2  # epoch 1 (0.56) is outside 0.5 +- 0.05
-  assert search.best_genotype(str(path), 0.9) is None
+  assert search_lib.best_genotype(str(path), 0.5)["epoch"] == 2  # epoch 1 (0.56) is outside 0.5 +- 0.05
+  assert search_lib.best_genotype(str(path), 0.9) is None
 
 
 def test_search_converges_into_the_band_from_uniform_logits():

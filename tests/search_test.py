@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from experiments.configs import search as search_configs
-from tas_jax import checkpoint, cost, data, parallel, search, shapes
+from tas_jax.configs import search as search_configs
+from tas_jax.runtime import checkpoint, parallel
 
 
+from tas_jax.core import cost
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
+from tas_jax.programs import search
+from tas_jax.steps import search as search_lib
 def tiny_config(**overrides):
   c = search_configs.get_config("smoke")
   c.model = "resnet8"
@@ -28,7 +33,7 @@ def tiny_config(**overrides):
 
 def final_state(config, workdir):
   """The state of the newest checkpoint of a search directory."""
-  problem, state = search.build(config, 10, 4)
+  problem, state = search_lib.build(config, 10, 4)
   mesh = parallel.make_mesh(jax.devices()[:1])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), state)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -44,10 +49,10 @@ def losses(workdir):
 
 def test_step_compiles_once():
   config = tiny_config()
-  problem, state = search.build(config, 10, 4)
+  problem, state = search_lib.build(config, 10, 4)
   mesh = parallel.make_mesh()
   state = parallel.replicate(state, mesh)
-  step = search.compile_step(problem, mesh)
+  step = search_lib.compile_step(problem, mesh)
   rng = np.random.default_rng(0)
   batch = lambda: parallel.global_batch(mesh, {"images": rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
                                                "labels": rng.integers(0, 10, 16).astype(np.int32)})
@@ -62,7 +67,7 @@ def test_one_and_eight_devices_agree(tmp_path):
   r1 = search.run(tiny_config(num_devices=1), str(tmp_path / "d1"))
   r8 = search.run(tiny_config(num_devices=8), str(tmp_path / "d8"))
   assert r1["macs"] == r8["macs"]
-  assert shapes.load(str(tmp_path / "d1" / "shape.json")) == shapes.load(str(tmp_path / "d8" / "shape.json"))
+  assert shape_files.load(str(tmp_path / "d1" / "shape.json")) == shape_files.load(str(tmp_path / "d8" / "shape.json"))
   l1, l8 = np.array(losses(tmp_path / "d1")), np.array(losses(tmp_path / "d8"))
   np.testing.assert_allclose(l1, l8, rtol=2e-4, atol=2e-4)
   s1, s8 = final_state(tiny_config(), tmp_path / "d1"), final_state(tiny_config(), tmp_path / "d8")
@@ -89,32 +94,32 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_another_configuration(tmp_path):
   search.run(tiny_config(stop_after_steps=2), str(tmp_path))
-  from tas_jax import engine
-  with pytest.raises(engine.RunError, match="target_flops_ratio"):
+  from tas_jax.runtime import runs
+  with pytest.raises(runs.RunError, match="target_flops_ratio"):
     search.run(tiny_config(target_flops_ratio=0.3), str(tmp_path))
 
 
 def test_unreachable_target_is_refused(tmp_path):
-  from tas_jax import engine
-  with pytest.raises(engine.RunError, match=r"reaches: its MACs ratios span \[0\.\d+, 1\.0\]"):
+  from tas_jax.runtime import runs
+  with pytest.raises(runs.RunError, match=r"reaches: its MACs ratios span \[0\.\d+, 1\.0\]"):
     search.run(tiny_config(target_flops_ratio=0.01), str(tmp_path))
-  with pytest.raises(engine.RunError, match=r"in \(0, 1\)"):
+  with pytest.raises(runs.RunError, match=r"in \(0, 1\)"):
     search.run(tiny_config(target_flops_ratio=1.5), str(tmp_path))
 
 
 def test_fit_to_band_lands_inside():
-  base = shapes.preset("resnet20")
-  space = shapes.search_space(base)
+  base = shape_files.preset("resnet20")
+  space = space_lib.search_space(base)
   rng = np.random.default_rng(0)
   wp = rng.dirichlet(np.ones(8), size=space.width_table.shape[0])
   dp = rng.dirichlet(np.ones(space.depth_table.shape[1]), size=3)
   full = cost.count(base).macs
   for lo, hi in [(0.45, 0.5), (0.8, 0.85)]:
     band = (lo * full, hi * full)
-    shape, moves = search.fit_to_band(space, wp, dp, base if lo > 0.5 else base, band)
+    shape, moves = search_lib.fit_to_band(space, wp, dp, base if lo > 0.5 else base, band)
     assert band[0] <= cost.count(shape).macs <= band[1] and moves > 0
     small = space.shape_from_indices(np.zeros(19, np.int32), np.zeros(3, np.int32))
-    shape, _ = search.fit_to_band(space, wp, dp, small, band)
+    shape, _ = search_lib.fit_to_band(space, wp, dp, small, band)
     assert band[0] <= cost.count(shape).macs <= band[1]
 
 
@@ -125,10 +130,10 @@ def test_two_processes_complete_and_agree(tmp_path):
   port = portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=str(ROOT))
-  args = ["--config", str(ROOT / "experiments/configs/search.py:smoke"), "--config.model=resnet8",
+  args = ["--config", str(ROOT / "tas_jax/configs/search.py:smoke"), "--config.model=resnet8",
           "--config.batch_size=16", "--config.num_train_examples=128", "--config.eval_examples=32",
           "--config.log_every_steps=2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen([sys.executable, "-m", "experiments.search", *args, f"--process_id={i}",
+  procs = [subprocess.Popen([sys.executable, "-m", "tas_jax.cli.search", *args, f"--process_id={i}",
                              f"--workdir={tmp_path / 'mh'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:

@@ -8,9 +8,12 @@ import sys
 
 import pytest
 
-from experiments.configs import study as study_configs
-from tas_jax import baselines, shapes, study
+from tas_jax.configs import study as study_configs
+from tas_jax import baselines
 
+from tas_jax.programs import study
+from tas_jax.report import study as study_report
+from tas_jax.core import shape_files
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,7 +29,7 @@ def smoke_config(**changes) -> study.StudyConfig:
 # ----------------------------------------------------------------------------- band
 
 def test_band_check_refuses_an_out_of_band_shape():
-  base = shapes.preset("resnet20")
+  base = shape_files.preset("resnet20")
   inside = baselines.uniform(base, 0.5, 0.02)
   assert abs(study.check_band(inside, 0.5, 0.05) - baselines.macs_ratio(inside)) < 1e-12
   outside = baselines.uniform(base, 0.3, 0.02)
@@ -55,7 +58,7 @@ def test_significance_against_a_hand_computation():
   a, b = [0.90, 0.92], [0.85, 0.86]
   # means 0.91 and 0.855; sample variances 2e-4 and 5e-5; se = sqrt(2e-4/2 + 5e-5/2) = sqrt(1.25e-4)
   se = math.sqrt(1.25e-4)
-  s = study.significance(a, b)
+  s = study_report.significance(a, b)
   assert s["diff"] == pytest.approx(0.055)
   assert s["se"] == pytest.approx(se)
   assert s["t"] == pytest.approx(0.055 / se)  # 4.919
@@ -63,12 +66,12 @@ def test_significance_against_a_hand_computation():
   assert s["df"] == pytest.approx(1.5625e-8 / 1.0625e-8)
   assert s["significant"] is True and s["verdict"] == "higher"
   # A difference under 2 se is noise: 0.91 vs 0.90 with the same spreads (t = 0.894).
-  s = study.significance(a, [0.895, 0.905])
+  s = study_report.significance(a, [0.895, 0.905])
   assert s["significant"] is False and s["verdict"] == "within seed noise"
   # The rule is symmetric in sign.
-  assert study.significance(b, a)["verdict"] == "lower"
+  assert study_report.significance(b, a)["verdict"] == "lower"
   # One seed a side: no noise estimate, no verdict.
-  s = study.significance([0.9], [0.8, 0.81])
+  s = study_report.significance([0.9], [0.8, 0.81])
   assert s["significant"] is None and s["se"] is None and "too few" in s["verdict"]
 
 
@@ -79,7 +82,7 @@ def test_comparisons_pool_shapes_of_a_method_and_skip_out_of_band_ones():
 
   rows = [row("tas-s0", "tas", [0.90]), row("tas-s1", "tas", [0.92]), row("tas-paper", "tas-paper", [0.99, 0.99], False),
           row("random-d0", "random", [0.85]), row("random-d1", "random", [0.86]), row("uniform", "uniform", [0.8, 0.7])]
-  out = study.comparisons(rows, ["kd"])
+  out = study_report.comparisons(rows, ["kd"])
   assert [(c["a"], c["b"]) for c in out] == [("tas", "uniform"), ("tas", "random")]
   assert out[1]["n_a"] == 2 and out[1]["n_b"] == 2 and out[1]["t"] == pytest.approx(0.055 / math.sqrt(1.25e-4))
 
@@ -101,7 +104,7 @@ def test_configuration_is_checked_at_the_door():
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.study", "--config", "experiments/configs/study.py:smoke",
+  cmd = [sys.executable, "-m", "tas_jax.cli.study", "--config", "tas_jax/configs/study.py:smoke",
          "--config.tolerance=2", "--workdir", str(tmp_path / "s")]
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 2
@@ -114,27 +117,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def _fake_programs(calls, uniform_ratio):
   """Stand-ins for train.run and search.run that write what the real ones leave behind, instantly."""
-  from tas_jax import engine
+  from tas_jax.runtime import files
 
   def fake_train(config, workdir):
     name = os.path.basename(os.path.dirname(config.shape)) if config.shape else "teacher"
     calls.append((name, config.mode, int(config.seed)))
-    shape = shapes.load(config.shape) if config.shape else shapes.preset(config.model)
+    shape = shape_files.load(config.shape) if config.shape else shape_files.preset(config.model)
     os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
     if config.mode == "base":
-      shapes.save(shape, os.path.join(workdir, "model", "shape.json"))
+      shape_files.save(shape, os.path.join(workdir, "model", "shape.json"))
     # Searched shapes score 0.6 + seed noise, the others 0.5 + seed noise.
     top1 = (0.6 if name.startswith("tas") else 0.5) + 0.01 * int(config.seed)
-    engine.write_json(os.path.join(workdir, "result.json"), {"finished": True, "test_top1": top1, "seed": config.seed,
+    files.write_json(os.path.join(workdir, "result.json"), {"finished": True, "test_top1": top1, "seed": config.seed,
                                                             "mode": config.mode, "epochs": config.epochs, "macs": 1, "params": 1})
     return {"finished": True}
 
   def fake_search(config, workdir):
     calls.append(("search", "search", int(config.seed)))
-    base = shapes.preset(config.model)
+    base = shape_files.preset(config.model)
     os.makedirs(workdir, exist_ok=True)
-    shapes.save(baselines.uniform(base, uniform_ratio, 0.05), os.path.join(workdir, "shape.json"))
-    engine.write_json(os.path.join(workdir, "result.json"), {"finished": True, "flops_ratio": uniform_ratio})
+    shape_files.save(baselines.uniform(base, uniform_ratio, 0.05), os.path.join(workdir, "shape.json"))
+    files.write_json(os.path.join(workdir, "result.json"), {"finished": True, "flops_ratio": uniform_ratio})
     return {"finished": True}
 
   return fake_train, fake_search
@@ -156,9 +159,9 @@ def test_study_trains_seeds_in_rounds_and_reruns_skip_finished_runs(tmp_path):
   # TAS pools two searches x two seeds: [0.6, 0.61, 0.6, 0.61] against [0.5, 0.51].
   c = by[("kd", "uniform")]
   assert (c["n_a"], c["n_b"]) == (4, 2) and c["diff"] == pytest.approx(0.1) and c["verdict"] == "higher"
-  md = open(os.path.join(out, study.MD_FILE)).read()
+  md = open(os.path.join(out, study_report.MD_FILE)).read()
   assert "TAS higher" in md and "| tas-s1 | tas |" in md
-  assert os.path.getsize(os.path.join(out, study.PNG_FILE)) > 0
+  assert os.path.getsize(os.path.join(out, study_report.PNG_FILE)) > 0
 
   def never(*a, **k):
     raise AssertionError("a finished run was trained again")
@@ -173,7 +176,7 @@ def test_an_out_of_band_searched_shape_is_trained_but_flagged(tmp_path):
   tas = summary["shapes"][0]
   assert tas["name"] == "tas-s0" and not tas["in_band"] and tas["variants"]["kd"]["n"] == 1
   assert summary["comparisons"] == []  # nothing in band to compare it with
-  assert "**no** (flagged)" in open(os.path.join(tmp_path, study.MD_FILE)).read()
+  assert "**no** (flagged)" in open(os.path.join(tmp_path, study_report.MD_FILE)).read()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -191,14 +194,14 @@ def test_smoke_preset_end_to_end_and_rerun_skips_everything(tmp_path):
       assert r["variants"][v]["n"] == 1 and 0.0 <= r["variants"][v]["mean"] <= 1.0
   assert {(c["variant"], c["b"]) for c in summary["comparisons"]} == {
       (v, b) for v in ("scratch", "kd") for b in ("uniform", "random", "l1")}
-  for name in (study.JSON_FILE, study.MD_FILE, study.PNG_FILE):
+  for name in (study_report.JSON_FILE, study_report.MD_FILE, study_report.PNG_FILE):
     assert os.path.getsize(os.path.join(out, name)) > 0
-  with open(os.path.join(out, study.JSON_FILE)) as f:
+  with open(os.path.join(out, study_report.JSON_FILE)) as f:
     assert json.load(f)["shapes"][0]["method"] == "tas"
-  md = open(os.path.join(out, study.MD_FILE)).read()
+  md = open(os.path.join(out, study_report.MD_FILE)).read()
   assert "| tas-s0 | tas |" in md and "## Significance" in md
   # The searched shape is the search's shape.json.
-  assert shapes.load(os.path.join(out, "shapes", "tas-s0.json")) == shapes.load(
+  assert shape_files.load(os.path.join(out, "shapes", "tas-s0.json")) == shape_files.load(
       os.path.join(out, "search", "seed0", "shape.json"))
 
   def never(*a, **k):

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tas_jax import shapes, supernet
+from tas_jax.core import shapes
 
+from tas_jax.nets import supernet
 EPS = 1e-5  # batch-norm epsilon (PyTorch's default)
 MOMENTUM = 0.1  # PyTorch convention: running <- (1 - m) running + m batch
 HI = jax.lax.Precision.HIGHEST
@@ -316,8 +317,12 @@ def test_bottleneck_supernet_matches_reference():
 
 @pytest.mark.parametrize("train", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_imagenet_supernet_matches_reference(train):
-  """Catches: the ImageNet stem (7x7 stride 2, max pool) or its avg-pool shortcut wrong in the search forward."""
-  compare(IMAGENET, supernet.SupernetConfig(), k=2, train=train, seed=2, batch=2, image=32)
+  """Catches: the ImageNet stem (7x7 stride 2, max pool) or its avg-pool shortcut wrong in the search forward.
+
+  Batch 4: with 2 images the last stage normalises over two values per channel, where float32 rounding alone
+  moves a few gradient entries by 1 %.
+  """
+  compare(IMAGENET, supernet.SupernetConfig(), k=2, train=train, seed=2, batch=4, image=32)
 
 
 @pytest.mark.slow

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tas_jax import cost, shapes, supernet
+from tas_jax.core import cost, shapes
+from tas_jax.core import shape_files
 
+from tas_jax.nets import supernet
+from tas_jax.nets import surgery
 apply = jax.jit(supernet.apply, static_argnums=(0,), static_argnames=("train", "hard"))
 
 
@@ -24,7 +27,7 @@ def _randomize(model, seed):
 
 @pytest.mark.parametrize("mode,base", [("width", "resnet20"), ("depth", "resnet20"), ("shape", "resnet32")])
 def test_output_shapes_every_mode(mode, base):
-  m = supernet.build(shapes.preset(base), supernet.SupernetConfig(mode=mode))
+  m = supernet.build(shape_files.preset(base), supernet.SupernetConfig(mode=mode))
   g, w, a, s = supernet.split(m)
   x = jnp.ones((2, 32, 32, 3))
   logits, costs, s2 = apply(g, w, a, s, x, jax.random.key(0), 5.0)
@@ -40,7 +43,7 @@ def test_output_shapes_every_mode(mode, base):
 
 @pytest.mark.slow  # the export cases below run these networks too
 def test_bottleneck_and_imagenet_forward():
-  for base in (shapes.cifar_resnet(11, block="bottleneck"), shapes.preset("imagenet-resnet18", 5).replace(image_size=32)):
+  for base in (shapes.cifar_resnet(11, block="bottleneck"), shape_files.preset("imagenet-resnet18", 5).replace(image_size=32)):
     m = supernet.build(base)
     g, w, a, s = supernet.split(m)
     logits, costs, _ = apply(g, w, a, s, jnp.ones((2, base.image_size, base.image_size, 3)), jax.random.key(1), 1.0)
@@ -49,7 +52,7 @@ def test_bottleneck_and_imagenet_forward():
 
 
 def test_arch_params_only_in_their_variable_type():
-  m = supernet.build(shapes.preset("resnet20"))
+  m = supernet.build(shape_files.preset("resnet20"))
   arch = nnx.state(m, supernet.ArchParam)
   names = {str(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(arch)[0]}
   assert any("width_logits" in n for n in map(str, jax.tree_util.tree_flatten_with_path(arch)[0]))
@@ -63,11 +66,11 @@ def test_arch_params_only_in_their_variable_type():
 
 @pytest.mark.slow  # tests/supernet_reference_test.py checks these gradients against a reference
 def test_gradients_reach_architecture():
-  m = supernet.build(shapes.preset("resnet20"))
+  m = supernet.build(shape_files.preset("resnet20"))
   g, w, a, s = supernet.split(m)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   y = jnp.arange(4) % 10
-  macs = cost.count(shapes.preset("resnet20")).macs
+  macs = cost.count(shape_files.preset("resnet20")).macs
 
   def loss(a):
     logits, costs, _ = supernet.apply(g, w, a, s, x, jax.random.key(3), 2.0)
@@ -83,7 +86,7 @@ def test_gradients_reach_architecture():
 
 
 def test_traces_once_over_steps():
-  m = supernet.build(shapes.preset("resnet20"), supernet.SupernetConfig(mode="shape"))
+  m = supernet.build(shape_files.preset("resnet20"), supernet.SupernetConfig(mode="shape"))
   g, w, a, s = supernet.split(m)
 
   @jax.jit
@@ -105,8 +108,8 @@ def _base(name):
   if name == "cifar-bottleneck":
     return shapes.cifar_resnet(20, block="bottleneck")
   if name == "imagenet":
-    return shapes.preset("imagenet-resnet18", 7).replace(image_size=32)
-  return shapes.preset(name)
+    return shape_files.preset("imagenet-resnet18", 7).replace(image_size=32)
+  return shape_files.preset(name)
 
 
 @pytest.mark.parametrize("name,shortcut_bn,seed", CASES)
@@ -114,7 +117,7 @@ def test_argmax_supernet_equals_exported_network(name, shortcut_bn, seed):
   base = _base(name)
   m = supernet.build(base, supernet.SupernetConfig(shortcut_bn=shortcut_bn), seed=seed)
   _randomize(m, seed)
-  shape, net = supernet.export(m)
+  shape, net = surgery.export(m)
   # The random shape exercises truncation and width changes at stride 1.
   kept = shape.kept_blocks()
   assert any(cin != ws[-1] for (st, i), (cin, ws) in kept.items() if i > 0) or shape.blocks != base.layers
@@ -130,7 +133,7 @@ def test_argmax_supernet_equals_exported_network(name, shortcut_bn, seed):
 
 
 def test_argmax_shape_from_supernet_is_counted_exactly_for_many_shapes():
-  m = supernet.build(shapes.preset("resnet56"))
+  m = supernet.build(shape_files.preset("resnet56"))
   g, w, a, s = supernet.split(m)
   f = jax.jit(lambda a: nnx.merge(g, w, a, s).costs())
   rng = np.random.default_rng(0)
@@ -142,7 +145,7 @@ def test_argmax_shape_from_supernet_is_counted_exactly_for_many_shapes():
 
 def test_width_multiple_and_options():
   cfg = supernet.SupernetConfig(width_multiple=8, num_sampled=3, block_relu=False, bn_groups=2)
-  m = supernet.build(shapes.preset("resnet20"), cfg)
+  m = supernet.build(shape_files.preset("resnet20"), cfg)
   assert set(np.unique(m.space.width_table)) <= {8, 16, 24, 32, 40, 48, 56, 64}
   g, w, a, s = supernet.split(m)
   logits, _, _ = apply(g, w, a, s, jnp.ones((4, 32, 32, 3)), jax.random.key(0), 1.0)

@@ -11,13 +11,23 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT
-from experiments import latency as latency_cli
-from experiments.configs import train as train_configs
-from tas_jax import cost, data, engine, latency, resnet, shapes, train
+from tas_jax.cli import latency as latency_cli
+from tas_jax.configs import train as train_configs
+from tas_jax.core import cost, shapes
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
 
 # resnet8 with a pruned stage-1 block whose input (16) and output (12) widths
+from tas_jax import data
+from tas_jax.programs import train
+from tas_jax.nets import surgery
+from tas_jax.runtime import models
+from tas_jax.steps import train as train_lib
+from tas_jax.runtime import runs
+from tas_jax.latency import measure as latency
+from tas_jax.nets import resnet
 # differ: a stride-1 projection the unpruned network does not have.
-PRUNED = shapes.preset("resnet8").replace(widths=(16, 8, 12, 24, 32, 48, 64))
+PRUNED = shape_files.preset("resnet8").replace(widths=(16, 8, 12, 24, 32, 48, 64))
 
 
 def tiny_config(mode="base", **overrides):
@@ -58,7 +68,7 @@ def test_base_run_outputs(base_run):
               "train_images_per_s"):
     assert key in result, key
   assert result["mode"] == "base" and result["recipe"] == "smoke" and result["epochs"] == 2
-  assert result["macs"] == cost.count(shapes.preset("resnet8")).macs
+  assert result["macs"] == cost.count(shape_files.preset("resnet8")).macs
   assert 0.0 <= result["test_top1"] <= result["test_top5"] <= 1.0 and result["train_images_per_s"] > 0
   losses = records(base_run)
   assert [s for s, _ in losses] == [2, 4, 6, 8]
@@ -66,67 +76,67 @@ def test_base_run_outputs(base_run):
 
 
 def test_load_model_round_trip(base_run):
-  shape, model = train.load_model(base_run)
-  assert shape == shapes.preset("resnet8")
+  shape, model = models.load_model(base_run)
+  assert shape == shape_files.preset("resnet8")
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   ds = data.load("synthetic")
   logits = model(data.normalize(ds.test_images, ds.mean, ds.std))
   top1 = float((np.asarray(logits).argmax(-1) == ds.test_labels).mean())
   result = json.load(open(os.path.join(base_run, "result.json")))
   assert abs(top1 - result["test_top1"]) <= 2e-3  # 8-device vs 1-device float sums may flip a near tie
-  _, again = train.load_model(os.path.join(base_run, "model"))
+  _, again = models.load_model(os.path.join(base_run, "model"))
   np.testing.assert_array_equal(eval_logits(model), eval_logits(again))
-  with pytest.raises(engine.RunError, match="no trained model"):
-    train.load_model(os.path.join(base_run, "checkpoints"))
+  with pytest.raises(runs.RunError, match="no trained model"):
+    models.load_model(os.path.join(base_run, "checkpoints"))
 
 
 def test_scratch_b_epochs_and_schedules():
-  assert train.scratch_b_epochs(160, 2_000, 1_000) == 320
-  assert train.scratch_b_epochs(160, 1_000, 700) == 228  # int(228.57...)
-  assert train.scale_milestones((80, 120), 160, 228) == (114, 171)
-  shape = shapes.preset("tas-c10-resnet20")
-  full, mine = cost.count(shapes.preset("resnet20")).macs, cost.count(shape).macs
+  assert train_lib.scratch_b_epochs(160, 2_000, 1_000) == 320
+  assert train_lib.scratch_b_epochs(160, 1_000, 700) == 228  # int(228.57...)
+  assert train_lib.scale_milestones((80, 120), 160, 228) == (114, 171)
+  shape = shape_files.preset("tas-c10-resnet20")
+  full, mine = cost.count(shape_files.preset("resnet20")).macs, cost.count(shape).macs
   c = train_configs.get_config("resnet20,rethinking")
   c.mode, c.budget = "scratch", "flops"
-  plan = train.make_plan(c, shape)
+  plan = train_lib.make_plan(c, shape)
   assert plan.epochs == int(160 * full / mine) > 160
   assert plan.milestones == (80 * plan.epochs // 160, 120 * plan.epochs // 160)
   assert plan.budget_ratio == pytest.approx(full / mine) and plan.warmup_epochs == 0
   c.budget = "epochs"
-  assert train.make_plan(c, shape).epochs == 160 and train.make_plan(c, shape).milestones == (80, 120)
+  assert train_lib.make_plan(c, shape).epochs == 160 and train_lib.make_plan(c, shape).milestones == (80, 120)
   o = train_configs.get_config("resnet20")
-  assert train.make_plan(o, shape) == train.Plan(300, 300, 5, 0.1, "cosine", (), 0.1, False, 1.0)
+  assert train_lib.make_plan(o, shape) == train_lib.Plan(300, 300, 5, 0.1, "cosine", (), 0.1, False, 1.0)
   o.official_tail = True
-  assert (train.make_plan(o, shape).epochs, train.make_plan(o, shape).schedule_epochs) == (305, 300)
+  assert (train_lib.make_plan(o, shape).epochs, train_lib.make_plan(o, shape).schedule_epochs) == (305, 300)
   o.official_tail, o.epochs = False, 1
-  assert train.make_plan(o, shape).warmup_epochs == 0  # a 1-epoch run does not warm up
+  assert train_lib.make_plan(o, shape).warmup_epochs == 0  # a 1-epoch run does not warm up
   o.epochs = 20
-  assert train.make_plan(o, shape).warmup_epochs == 2
+  assert train_lib.make_plan(o, shape).warmup_epochs == 2
   o.mode = "finetune"
-  p = train.make_plan(o, shape)
+  p = train_lib.make_plan(o, shape)
   assert (p.epochs, p.lr, p.lr_schedule, p.warmup_epochs) == (40, 0.001, "constant", 0)
 
 
 def test_per_step_schedule_equals_the_per_epoch_one_but_anneals_within_epochs():
   steps = np.arange(0, 12 * 7)
   for kind, ms in (("multistep", (5, 9)), ("constant", ())):
-    plan = train.Plan(12, 12, 2, 0.1, kind, ms, 0.1, False, 1.0)
+    plan = train_lib.Plan(12, 12, 2, 0.1, kind, ms, 0.1, False, 1.0)
     per_step = np.asarray(jax.vmap(plan.lr_fn(7))(steps))
     per_epoch = np.asarray(jax.vmap(dataclasses.replace(plan, per_epoch=True).lr_fn(7))(steps))
     np.testing.assert_allclose(per_step, per_epoch, rtol=1e-6)  # warmup ramps every step either way
-  one = train.Plan(1, 1, 0, 0.1, "cosine", (), 0.1, False, 1.0)
+  one = train_lib.Plan(1, 1, 0, 0.1, "cosine", (), 0.1, False, 1.0)
   lrs = np.asarray(jax.vmap(one.lr_fn(10))(np.arange(10)))
   assert lrs[0] == pytest.approx(0.1) and np.all(np.diff(lrs) < 0) and lrs[-1] < 0.003
   assert np.all(np.asarray(jax.vmap(dataclasses.replace(one, per_epoch=True).lr_fn(10))(np.arange(10))) == lrs[0])
 
 
 def test_finetune_inherits_weights(base_run):
-  _, base = train.load_model(base_run)
+  _, base = models.load_model(base_run)
   shape, net = train.initial_network(tiny_config("finetune", init_from=base_run), 10)
-  assert shape == shapes.preset("resnet8")
+  assert shape == shape_files.preset("resnet8")
   net.eval()
   np.testing.assert_array_equal(eval_logits(net), eval_logits(base))  # the full shape reproduces the base exactly
-  pruned = train.inherit(base, PRUNED)
+  pruned = surgery.inherit(base, PRUNED)
   b0 = pruned.blocks[0]
   np.testing.assert_array_equal(np.asarray(b0.convs[0].conv.kernel[...]),
                                 np.asarray(base.blocks[0].convs[0].conv.kernel[...])[:, :, :16, :8])
@@ -137,10 +147,10 @@ def test_finetune_inherits_weights(base_run):
                                 np.asarray(base.blocks[1].convs[0].conv.kernel[...])[:, :, :12, :24])
   np.testing.assert_array_equal(np.asarray(pruned.head.kernel[...]), np.asarray(base.head.kernel[...])[:64])
   with pytest.raises(shapes.ShapeError, match="channels"):
-    train.inherit(pruned, shapes.preset("resnet8"))  # wider than the source
-  r14 = shapes.preset("resnet14")
+    surgery.inherit(pruned, shape_files.preset("resnet8"))  # wider than the source
+  r14 = shape_files.preset("resnet14")
   with pytest.raises(shapes.ShapeError, match="drops it"):
-    train.inherit(resnet.build(r14.replace(blocks=(1, 2, 2))), r14)
+    surgery.inherit(resnet.build(r14.replace(blocks=(1, 2, 2))), r14)
 
 
 def test_resume_equals_uninterrupted(tmp_path, base_run):
@@ -152,12 +162,12 @@ def test_resume_equals_uninterrupted(tmp_path, base_run):
   train.run(make(stop_after_steps=2), parts)  # 3 -> 5: a stop and a resume inside an epoch
   done = train.run(make(), parts)
   assert done["finished"] and done["mode"] == "finetune"
-  _, a = train.load_model(whole)
-  _, b = train.load_model(parts)
+  _, a = models.load_model(whole)
+  _, b = models.load_model(parts)
   for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert records(whole) == records(parts)
-  with pytest.raises(engine.RunError, match="finetune_lr"):
+  with pytest.raises(runs.RunError, match="finetune_lr"):
     train.run(make(finetune_lr=0.5), parts)
 
 
@@ -166,44 +176,44 @@ def test_kd_runs_end_to_end(tmp_path, base_run):
   result = train.run(tiny_config("kd", teacher=base_run, shape=_save(PRUNED, tmp_path), val_examples=16,
                                  budget="flops", dtype="bfloat16"), workdir)
   assert result["finished"] and result["mode"] == "kd"
-  assert result["epochs"] == int(2 * cost.count(shapes.preset("resnet8")).macs / cost.count(PRUNED).macs)
+  assert result["epochs"] == int(2 * cost.count(shape_files.preset("resnet8")).macs / cost.count(PRUNED).macs)
   assert result["teacher_test_top1"] == json.load(open(os.path.join(base_run, "result.json")))["test_top1"]
   assert result["macs"] == cost.count(PRUNED).macs and 0 <= result["best_epoch"] < result["epochs"]
   assert "best_test_top1" in result and "val_top1" in result
   assert records(workdir, "kl") and records(workdir, "val_top1")
-  shape, model = train.load_model(workdir)
+  shape, model = models.load_model(workdir)
   assert shape.widths == PRUNED.widths
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def test_bad_configurations_are_refused(tmp_path, base_run):
-  with pytest.raises(engine.RunError, match="mode must be"):
+  with pytest.raises(runs.RunError, match="mode must be"):
     train.run(tiny_config("prune"), str(tmp_path / "a"))
-  with pytest.raises(engine.RunError, match="config.teacher"):
+  with pytest.raises(runs.RunError, match="config.teacher"):
     train.run(tiny_config("kd", shape="resnet8"), str(tmp_path / "b"))
-  with pytest.raises(engine.RunError, match="config.shape"):
+  with pytest.raises(runs.RunError, match="config.shape"):
     train.run(tiny_config("scratch"), str(tmp_path / "c"))
-  with pytest.raises(engine.RunError, match="different layers"):
+  with pytest.raises(runs.RunError, match="different layers"):
     train.run(tiny_config("finetune", init_from=base_run, shape="resnet14"), str(tmp_path / "d"))
-  with pytest.raises(engine.RunError, match="config.init_from"):
+  with pytest.raises(runs.RunError, match="config.init_from"):
     train.run(tiny_config("finetune"), str(tmp_path / "e"))
 
 
 def _save(shape, tmp_path):
   path = str(tmp_path / "shape.json")
-  shapes.save(shape, path)
+  shape_files.save(shape, path)
   return path
 
 
 def test_measure_latency_and_cli(capsys):
-  m = latency.measure_latency(shapes.preset("resnet8"), batch_size=2, runs=2, warmup=1)
+  m = latency.measure_latency(shape_files.preset("resnet8"), batch_size=2, runs=2, warmup=1)
   assert m["median_ms"] > 0 and m["images_per_s"] == pytest.approx(2000 / m["median_ms"])
   assert latency_cli.main(["resnet8", "--batch_sizes", "2", "--runs", "1", "--warmup", "0", "--no_speedup",
                            "--json"]) == 0
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert line["shape"] == "resnet8" and line["batch_size"] == 2 and line["macs"] == cost.count(
-      shapes.preset("resnet8")).macs
-  proc = subprocess.run([sys.executable, "-m", "experiments.latency", "resnet8", "no-such-shape"], cwd=ROOT,
+      shape_files.preset("resnet8")).macs
+  proc = subprocess.run([sys.executable, "-m", "tas_jax.cli.latency", "resnet8", "no-such-shape"], cwd=ROOT,
                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.strip().startswith("error: unknown preset 'no-such-shape'")
@@ -212,16 +222,16 @@ def test_measure_latency_and_cli(capsys):
 
 @pytest.mark.slow  # a search compiles its supernet step: about a minute here
 def test_finetune_from_a_search_run(tmp_path):
-  from experiments.configs import search as search_configs
-  from tas_jax import search
+  from tas_jax.configs import search as search_configs
+  from tas_jax.programs import search
   c = search_configs.get_config("smoke")
   c.model, c.batch_size, c.num_train_examples, c.eval_examples, c.epochs = "resnet8", 16, 64, 16, 1
   search_dir = str(tmp_path / "search")
   search.run(c, search_dir)
-  argmax = shapes.load(os.path.join(search_dir, "shape_argmax.json"))
+  argmax = shape_files.load(os.path.join(search_dir, "shape_argmax.json"))
   shape, net = train.export_search(search_dir)
   assert shape == argmax
-  target = shapes.search_space(shapes.preset("resnet8")).shape_from_indices(np.full(7, 3), np.zeros(3, np.int32))
+  target = space_lib.search_space(shape_files.preset("resnet8")).shape_from_indices(np.full(7, 3), np.zeros(3, np.int32))
   shape, net = train.export_search(search_dir, target)
   assert shape.widths == target.widths
   workdir = str(tmp_path / "ft")
@@ -232,25 +242,25 @@ def test_finetune_from_a_search_run(tmp_path):
 def test_imagenet_scratch_b_rule():
   """Catches the ImageNet Scratch-B rule drifting from Rethinking's main_B.py: the 2x cap (180 epochs, decays every
   60), int(90 * ratio) below it, and lr steps every epochs // 3 (including a third one below the end)."""
-  assert train.scratch_b_imagenet(90, 2_000, 1_000) == (180, (60, 120))
-  assert train.scratch_b_imagenet(90, 3_000, 1_000) == (180, (60, 120))  # capped
-  assert train.scratch_b_imagenet(90, 1_000, 700) == (128, (42, 84, 126))  # int(128.57), step 42
-  assert train.scratch_b_imagenet(90, 1_000, 1_000) == (90, (30, 60))
-  base = shapes.preset("imagenet-resnet18")
+  assert train_lib.scratch_b_imagenet(90, 2_000, 1_000) == (180, (60, 120))
+  assert train_lib.scratch_b_imagenet(90, 3_000, 1_000) == (180, (60, 120))  # capped
+  assert train_lib.scratch_b_imagenet(90, 1_000, 700) == (128, (42, 84, 126))  # int(128.57), step 42
+  assert train_lib.scratch_b_imagenet(90, 1_000, 1_000) == (90, (30, 60))
+  base = shape_files.preset("imagenet-resnet18")
   shape = base.replace(widths=tuple(max(1, w * 3 // 4) for w in base.widths))
   full, mine = cost.count(base).macs, cost.count(shape).macs
   c = train_configs.get_config("imagenet-resnet18,rethinking-imagenet")
   c.mode, c.budget = "scratch", "flops"
-  plan = train.make_plan(c, shape)
+  plan = train_lib.make_plan(c, shape)
   epochs = int(90 * full / mine) if full / mine < 2 else 180
   assert plan.epochs == epochs and plan.milestones == tuple(range(epochs // 3, epochs, epochs // 3))
   assert plan.lr_schedule == "multistep" and plan.warmup_epochs == 0
   c.budget = "epochs"
-  assert (train.make_plan(c, shape).epochs, train.make_plan(c, shape).milestones) == (90, (30, 60))
+  assert (train_lib.make_plan(c, shape).epochs, train_lib.make_plan(c, shape).milestones) == (90, (30, 60))
   c.scratch_b_rule, c.budget = "cifar", "flops"  # the CIFAR rule: uncapped, milestones scaled
   new = int(90 * full / mine)
-  assert train.make_plan(c, shape).epochs == new
-  assert train.make_plan(c, shape).milestones == train.scale_milestones((30, 60), 90, new)
+  assert train_lib.make_plan(c, shape).epochs == new
+  assert train_lib.make_plan(c, shape).milestones == train_lib.scale_milestones((30, 60), 90, new)
 
 
 def test_rethinking_recipes_follow_the_family():
@@ -265,13 +275,13 @@ def test_rethinking_recipes_follow_the_family():
   with pytest.raises(ValueError, match="rethinking-imagenet is for imagenet"):
     train_configs.get_config("resnet56,rethinking-imagenet")
   r.model = "imagenet-resnet18"  # the CIFAR recipe with an ImageNet model swapped in afterwards
-  with pytest.raises(engine.RunError, match="use the rethinking-imagenet recipe"):
+  with pytest.raises(runs.RunError, match="use the rethinking-imagenet recipe"):
     train.check_config(r)
   c.model = "resnet20"
-  with pytest.raises(engine.RunError, match="use the rethinking recipe"):
+  with pytest.raises(runs.RunError, match="use the rethinking recipe"):
     train.check_config(c)
   c.model, c.scratch_b_rule = "imagenet-resnet18", "capped"
-  with pytest.raises(engine.RunError, match="scratch_b_rule must be"):
+  with pytest.raises(runs.RunError, match="scratch_b_rule must be"):
     train.check_config(c)
 
 
@@ -279,19 +289,19 @@ def test_color_augmentation_is_on_for_streamed_sets_only():
   """Catches ImageNet training without TAS's colour jitter and lighting (or CIFAR training with them), and a train
   step that ignores the switch."""
   c = train_configs.get_config("imagenet-resnet18")
-  assert c.color_augment == "auto" and train.color_augment(c, True) and not train.color_augment(c, False)
+  assert c.color_augment == "auto" and train_lib.color_augment(c, True) and not train_lib.color_augment(c, False)
   c.color_augment = "off"
-  assert not train.color_augment(c, True)
+  assert not train_lib.color_augment(c, True)
   c.color_augment = "on"
-  assert train.color_augment(c, False)
+  assert train_lib.color_augment(c, False)
   c.color_augment = "yes"
-  with pytest.raises(engine.RunError, match="color_augment must be"):
-    train.color_augment(c, True)
+  with pytest.raises(runs.RunError, match="color_augment must be"):
+    train_lib.color_augment(c, True)
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
   key, mean, std = jax.random.key(1), data.IMAGENET_MEAN, data.IMAGENET_STD
-  problem = train.Problem(None, None, None, None, mean, std, True, 0, color=True)
-  np.testing.assert_array_equal(np.asarray(train._augment(problem, key, images)),
+  problem = train_lib.Problem(None, None, None, None, mean, std, True, 0, color=True)
+  np.testing.assert_array_equal(np.asarray(train_lib._augment(problem, key, images)),
                                 np.asarray(data.augment_imagenet(key, images, mean, std)))
   plain = dataclasses.replace(problem, color=False)
-  np.testing.assert_array_equal(np.asarray(train._augment(plain, key, images)),
+  np.testing.assert_array_equal(np.asarray(train_lib._augment(plain, key, images)),
                                 np.asarray(data.flip_and_normalize(key, images, mean, std)))

@@ -1,6 +1,6 @@
 """On-device augmentation and normalisation (jittable).
 
-CIFAR training augmentation (TAS-SPEC 4.3): zero-pad 4 pixels, crop a random
+CIFAR training augmentation (METHOD.md §4.3): zero-pad 4 pixels, crop a random
 HxW window, flip horizontally with probability 1/2, then scale to [0, 1] and
 normalise per channel. The official transform flips before cropping; flipping
 after the crop gives the same distribution (a flipped crop at column offset

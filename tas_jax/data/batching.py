@@ -124,7 +124,7 @@ def search_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
 
   Per class, ``floor(n_c / 2)`` randomly chosen indices go to the first half
   (weights) and the rest to the second (architecture). Both halves are sorted,
-  disjoint, and together cover every index (TAS-SPEC 4.3).
+  disjoint, and together cover every index (METHOD.md §4.3).
 
   Returns:
     (train_idx, valid_idx), int64.

@@ -12,7 +12,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-# TAS-SPEC 4.3: the constants the official CIFAR transforms normalise with.
+# METHOD.md §4.3: the constants the official CIFAR transforms normalise with.
 CIFAR10_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR10_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 CIFAR100_MEAN = tuple(v / 255 for v in (129.3, 124.1, 112.4))
