@@ -20,7 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from tas_jax import data  # noqa: E402
+from tas_jax.core import shapes  # noqa: E402
+from tas_jax.runtime import checkpoint, runs  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configuration file[:argument]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (rerun the same command to resume)")
@@ -83,9 +88,6 @@ def distributed() -> dict:
 
 
 def _errors():
-  from tas_jax.runtime import checkpoint, runs
-  from tas_jax import data
-  from tas_jax.core import shapes
   return (runs.RunError, shapes.ShapeError, data.DataError, checkpoint.CheckpointError)
 
 
@@ -176,8 +178,6 @@ def launch(main):
       config.get("dataset")  # a config file that did not load raises on first use
     except Exception as e:  # pylint: disable=broad-except
       _fail(f"cannot load --config: {one_line(e)}")
-    from absl import logging as absl_logging
-    from tas_jax.runtime import runs
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     logging.getLogger("tas_jax").setLevel(logging.INFO)
     runs.set_command(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])

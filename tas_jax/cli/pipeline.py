@@ -24,6 +24,12 @@ import sys
 from absl import flags
 
 from tas_jax.cli import common
+from tas_jax import report
+from tas_jax.configs import search as search_configs
+from tas_jax.configs import train as train_configs
+from tas_jax.programs import pipeline
+from tas_jax.runtime import runs
+from tas_jax.runtime import stages as pipeline_dir
 
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "only (re)write DIR/report.md from the stages' outputs")
 
@@ -42,11 +48,7 @@ def _config_arg(stage: str, c) -> str:
 
 
 def _defaults(stage: str, arg: str):
-  if stage == "search":
-    from tas_jax.configs import search as configs  # pylint: disable=g-import-not-at-top
-  else:
-    from tas_jax.configs import train as configs  # pylint: disable=g-import-not-at-top
-  return configs.get_config(arg)
+  return (search_configs if stage == "search" else train_configs).get_config(arg)
 
 
 def _flag_value(value) -> str:
@@ -84,10 +86,6 @@ def stage_command(stage: str, c, workdir: str) -> str:
 
 
 def main(config, workdir):
-  from tas_jax.runtime import runs as runs  # pylint: disable=g-import-not-at-top
-  from tas_jax.programs import pipeline
-  from tas_jax.runtime import stages as pipeline_dir
-  from tas_jax import report
   if _REPORT_ONLY.value:
     if not os.path.isdir(workdir):
       raise runs.RunError(f"{workdir} is not a pipeline directory (run the pipeline first)")

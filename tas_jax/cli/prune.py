@@ -45,6 +45,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tas_jax import baselines, data  # noqa: E402
+from tas_jax.configs import train as train_configs
 from tas_jax.programs import protocol, train
 from tas_jax.runtime import models
 from tas_jax.runtime import checkpoint, runs
@@ -94,7 +95,6 @@ def _trained_base(args) -> str:
 
 def train_config(shape: shapes.Shape, recipe: str, overrides):
   """The training config of --workdir: the recipe for ``shape``'s family, with ``bn_l1`` and the overrides."""
-  from tas_jax.configs import train as train_configs
   try:
     config = train_configs.get_config(f"{protocol.family_preset(shape)},{recipe}")
   except ValueError as e:  # an unknown recipe

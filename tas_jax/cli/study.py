@@ -28,11 +28,11 @@ from __future__ import annotations
 import sys
 
 from tas_jax.cli import common
+from tas_jax.programs import study
+from tas_jax.report import study as study_report
 
 
 def main(config, workdir):
-  from tas_jax.programs import study  # pylint: disable=g-import-not-at-top
-  from tas_jax.report import study as study_report  # pylint: disable=g-import-not-at-top
   try:
     cfg = study.StudyConfig.from_mapping(config.to_dict())
   except study.StudyError as e:

@@ -125,7 +125,6 @@ def search_space(base: Shape, *, ratios: Sequence[float] = WIDTH_RATIOS, multipl
 
 
 def _pad_rows(rows):
-  import numpy as np
   k = max(len(r) for r in rows)
   table = np.array([list(r) + [r[-1]] * (k - len(r)) for r in rows], np.int32)
   mask = np.array([[i < len(r) for i in range(k)] for r in rows], bool)

@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import threading
+import zipfile
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -70,7 +71,6 @@ class ZipReader:
     if self._zip is None:
       with self._lock:
         if self._zip is None:
-          import zipfile
           self._zip = zipfile.ZipFile(self.path)
     return self._zip.read(key)
 

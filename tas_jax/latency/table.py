@@ -27,6 +27,7 @@ import numpy as np
 
 from tas_jax.latency import measure as latency_lib
 from tas_jax.nets import resnet as resnet_lib
+from tas_jax.core import cost as cost_lib
 from tas_jax.core import shapes as shapes_lib
 from tas_jax.core import space as space_lib
 
@@ -177,7 +178,6 @@ def build_tables(space: space_lib.SearchSpace, batch_size: int = 1, cache_dir: s
 
 def predict(space: space_lib.SearchSpace, tables: LatencyTables, shape: shapes_lib.Shape) -> float:
   """Predicted latency (seconds) of a shape of the space."""
-  from tas_jax.core import cost as cost_lib
   wi, di = space.indices_of(shape)
   wd = jax.nn.one_hot(wi, space.width_table.shape[1])
   dd = jax.nn.one_hot(di, space.depth_table.shape[1])

@@ -58,8 +58,7 @@ from tas_jax.core import cost as cost_lib
 from tas_jax.runtime import files
 from tas_jax.programs import protocol
 from tas_jax.report import tables
-from tas_jax.programs.study_config import (SAMPLERS, StudyConfig, StudyError, search_config, shape_config,
-                                           shape_overrides, teacher_config)
+from tas_jax.programs.study_config import StudyConfig, StudyError, search_config, shape_overrides, teacher_config
 from tas_jax.report.study import RULE, VARIANTS, comparisons, write_reports
 from tas_jax.programs import search
 from tas_jax.core import shapes

@@ -1,0 +1,40 @@
+"""The files of a run directory: atomic writes and tolerant reads.
+
+Every result a program writes goes through :func:`write_text`: a reader sees
+the old file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tas_jax.runtime import metrics as metrics_lib
+
+
+def write_text(path: str, text: str) -> None:
+  """Replaces ``path`` with ``text`` atomically: a reader sees the old file or the new one, never a part."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+  write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=metrics_lib.to_json_value) + "\n")
+
+
+_EMPTY = object()
+
+
+def read_json(path: str, default: Any = _EMPTY) -> Any:
+  """The JSON object in ``path``; ``default`` (an empty dict unless given) when it is missing, cut short or not an object."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError):
+    obj = None
+  if isinstance(obj, dict):
+    return obj
+  return {} if default is _EMPTY else default

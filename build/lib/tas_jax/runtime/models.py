@@ -1,0 +1,81 @@
+"""Saved networks: a model directory holds ``shape.json`` and Orbax parameters ``params/``.
+
+Training runs write their final network to ``RUN/model`` (and the best
+validation epoch to ``RUN/model_best``); a search run writes its exported
+network to ``RUN/model`` too, so every finished run can be loaded the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from tas_jax.core import shapes
+from tas_jax.core import shape_files
+from tas_jax.nets import resnet
+from tas_jax.runtime import parallel
+from tas_jax.runtime.runs import RunError
+
+
+MODEL_DIR = "model"
+
+
+BEST_DIR = "model_best"
+
+
+def _model_dir(run_dir: str) -> str:
+  if os.path.isfile(os.path.join(run_dir, "shape.json")) and os.path.isdir(os.path.join(run_dir, "params")):
+    return run_dir
+  return os.path.join(run_dir, MODEL_DIR)
+
+
+def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool = True) -> None:
+  """Write ``directory/params`` (Orbax: ``{"params", "stats"}``) and ``directory/shape.json``.
+
+  Every process calls it (Orbax coordinates the write); ``shape.json`` is
+  written last, so its presence marks a complete model.
+  """
+  os.makedirs(directory, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(os.path.join(directory, "params")), {"params": params, "stats": stats}, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  if is_main:
+    shape_files.save(shape, os.path.join(directory, "shape.json"))
+  parallel.barrier("tas_jax.runtime.models.save_model")
+
+
+def load_model(run_dir: str, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
+  """The trained network of a training run, in eval mode, for inference.
+
+  ``run_dir`` is a training run directory (its ``model/`` is read) or a model
+  directory itself (``shape.json`` + ``params/``, e.g. ``RUN/model_best``).
+  ``dtype`` (e.g. ``jnp.bfloat16``) sets the computation dtype; parameters
+  stay float32. Returns ``(shape, model)``; ``model(images)`` maps normalised
+  NHWC float images to logits.
+
+  Example::
+
+    shape, model = load_model("runs/r20-base")
+    logits = model(data.normalize(images_uint8, dataset.mean, dataset.std))
+  """
+  directory = _model_dir(run_dir)
+  shape_path, params_path = os.path.join(directory, "shape.json"), os.path.join(directory, "params")
+  if not (os.path.isfile(shape_path) and os.path.isdir(params_path)):
+    raise RunError(f"no trained model in {run_dir} (expected {MODEL_DIR}/shape.json and {MODEL_DIR}/params, "
+                          "written when a training run finishes)")
+  shape = shape_files.load(shape_path)
+  model = resnet.build(shape, 0, dtype)
+  target = {"params": nnx.state(model, nnx.Param), "stats": nnx.state(model, nnx.BatchStat)}
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    restored = ckptr.restore(os.path.abspath(params_path), target)
+  except Exception as e:  # a damaged or foreign parameter directory
+    raise RunError(f"cannot read the parameters in {params_path}: {type(e).__name__}: {e}") from None
+  finally:
+    ckptr.close()
+  nnx.update(model, restored["params"], restored["stats"])
+  model.eval()
+  return shape, model

@@ -1,0 +1,435 @@
+"""TAS's bilevel search step (METHOD.md §4): the problem, the weight and architecture steps, the argmax shape.
+
+Each iteration takes a weight step (SGD with Nesterov, cross-entropy on a batch
+of the training half) and then an architecture step (Adam, cross-entropy on a
+batch of the validation half plus lambda times the cost loss, whose sign the
+discrete cost decides on device). Both draw fresh Gumbel samples; all keys
+come from ``fold_in(seed, step)``. The step is traced once: tau arrives as a
+traced value and the learning rate is computed from the step counter inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tas_jax import data as data_lib
+from tas_jax.core import cost as cost_lib
+from tas_jax.core import distill, optim, schedules, shapes
+from tas_jax.core import space as space_lib
+from tas_jax.core import shape_files
+from tas_jax.latency import table as latency_table
+from tas_jax.nets import supernet
+from tas_jax.runtime import parallel, runs
+
+
+# Configuration keys that change a search's trajectory: a checkpoint written
+# under other values of these is refused on resume.
+FINGERPRINT_KEYS = ("model", "dataset", "num_train_examples", "mode", "target_flops_ratio", "epochs", "warmup_epochs",
+                    "batch_size", "lr", "weight_decay", "arch_lr", "arch_weight_decay", "tau_schedule", "tau_max",
+                    "tau_min", "cost_band", "cost_tolerance", "cost_weight", "exact_cost", "num_sampled",
+                    "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype", "split_seed",
+                    "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn",
+                    "freeze_undrawn_bn", "unbiased_var", "valid_sampling")
+
+
+def supernet_config(config) -> supernet.SupernetConfig:
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(config.get("dtype", "float32"), "bad")
+  if dtype == "bad":
+    raise runs.RunError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+  return supernet.SupernetConfig(mode=config.mode, num_sampled=config.num_sampled,
+                                 width_multiple=config.width_multiple, block_relu=config.block_relu,
+                                 shortcut_bn=config.shortcut_bn, exact_cost=config.exact_cost,
+                                 bn_groups=config.bn_groups, unbiased_var=bool(config.get("unbiased_var", True)),
+                                 dtype=dtype)
+
+
+def base_shape(config, num_classes: int) -> shapes.Shape:
+  try:
+    base = shape_files.resolve(config.model, num_classes)
+  except shapes.ShapeError as e:
+    raise runs.RunError(str(e)) from None
+  return shapes.full_shape(base)
+
+
+def target_ratios(config) -> list[float]:
+  """The cost targets of a run, as ratios of the unpruned network's cost: ``targets`` or ``target_flops_ratio``."""
+  text = str(config.get("targets", "") or "").strip()
+  if not text:
+    return [float(config.target_flops_ratio)]
+  try:
+    values = [float(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise runs.RunError(f"targets must be comma-separated ratios such as 0.3,0.5,0.7, got {text!r}") from None
+  if len(set(values)) != len(values) or not values:
+    raise runs.RunError(f"targets must be distinct ratios, got {text!r}")
+  return values
+
+
+def _latency_of(space, tables, shape) -> float:
+  return latency_table.predict(space, tables, shape)
+
+
+def check_target(space: space_lib.SearchSpace, ratio: float, exact: bool, tables=None) -> tuple[float, float]:
+  """Refuse a target ratio outside (0, 1) or below what the space can reach; returns (min, max) ratios."""
+  wi = np.zeros(space.width_table.shape[0], np.int32)
+  di = np.zeros(space.depth_table.shape[0], np.int32)
+  if tables is None:
+    full = cost_lib.count(space.base).macs
+    smallest = cost_lib.as_int(cost_lib.discrete_cost(space, wi, di, exact)) / full
+  else:
+    smallest = _latency_of(space, tables, space.shape_from_indices(wi, di)) / _latency_of(space, tables, space.base)
+  if not 0.0 < ratio < 1.0:
+    raise runs.RunError(f"target_flops_ratio must lie in (0, 1), got {ratio}")
+  if ratio < smallest:
+    raise runs.RunError(f"target_flops_ratio {ratio} is below what this search space reaches: "
+                          f"its MACs ratios span [{smallest:.3f}, 1.0]")
+  return smallest, 1.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+  """Everything static about one search: the network, optimisers, target, data normalisation."""
+
+  graphdef: Any
+  space: space_lib.SearchSpace
+  w_tx: optax.GradientTransformation
+  a_tx: optax.GradientTransformation
+  lr_fn: Any
+  max_macs: float  # the unpruned network's cost (MACs, or predicted seconds with latency tables)
+  target_macs: float
+  band: str
+  tolerance: float
+  cost_weight: float
+  mean: tuple
+  std: tuple
+  streaming: bool
+  seed: int
+  arch_bn: bool
+  freeze_undrawn: bool = True
+  tables: Any = None  # latency_table.LatencyTables for a latency-aware search, else None (MACs)
+
+
+COSTS = ("macs", "latency")
+
+
+VALID_SAMPLING = ("replacement", "shuffle")
+
+
+# Official best genotype: the best search-validation accuracy among epochs whose cost ratio lies within this
+# distance of the target (a symmetric band, unlike the cost loss's).
+BEST_BAND = 0.05
+
+
+def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3, streaming=False,
+          tables=None):
+  """The search problem and its initial state ``{weights, arch, stats, w_opt, a_opt, step}``.
+
+  With latency ``tables`` the cost is predicted latency and the target is
+  ``target_flops_ratio`` times the unpruned network's (or ``target_latency_ms``).
+  """
+  base = base_shape(config, num_classes)
+  model = supernet.build(base, supernet_config(config), seed=int(config.seed))
+  for ratio in target_ratios(config):
+    check_target(model.space, ratio, bool(config.exact_cost), tables)
+  graphdef, weights, arch, stats = supernet.split(model)
+  lr_fn = schedules.lr_schedule(config.get("lr_schedule", "cosine"), config.lr, config.epochs, steps_per_epoch,
+                                warmup_epochs=config.warmup_epochs)
+  w_tx = optim.weight_optimizer(lr_fn, momentum=config.momentum, nesterov=config.nesterov,
+                                weight_decay=config.weight_decay)
+  a_tx = optim.arch_optimizer(config.arch_lr, b1=config.arch_b1, b2=config.arch_b2,
+                              weight_decay=config.arch_weight_decay)
+  if tables is None:
+    max_cost = float(cost_lib.count(base).macs)
+  else:
+    max_cost = _latency_of(model.space, tables, base)
+  problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, max_cost, target_ratios(config)[0] * max_cost,
+                    config.cost_band, float(config.cost_tolerance), float(config.cost_weight), tuple(mean), tuple(std),
+                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)),
+                    bool(config.get("freeze_undrawn_bn", True)), tables)
+  state = {"weights": weights, "arch": arch, "stats": stats, "w_opt": w_tx.init(weights), "a_opt": a_tx.init(arch),
+           "step": jnp.zeros((), jnp.int32)}
+  return problem, state
+
+
+def _augment(problem: Problem, key, images):
+  if problem.streaming:
+    return data_lib.flip_and_normalize(key, images, problem.mean, problem.std)
+  return data_lib.augment_cifar(key, images, problem.mean, problem.std)
+
+
+def model_costs(problem: Problem, model: supernet.Supernet, forward_costs=None):
+  """(expected, discrete) cost as floats: MACs (from the forward when given), or latency from the tables."""
+  wi, di = model.argmax()
+  space = problem.space
+  if problem.tables is None:
+    if forward_costs is None:
+      return None, cost_lib.as_float(cost_lib.discrete_cost(space, wi, di, model.config.exact_cost))
+    return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
+  expected = cost_lib.table_cost(space, problem.tables, model.width_probs(), model.depth_probs())
+  discrete = cost_lib.table_cost(space, problem.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
+                                 jax.nn.one_hot(di, space.depth_table.shape[1]))
+  return expected, jax.lax.stop_gradient(discrete)
+
+
+def weight_step(problem: Problem, state, batch, keys, tau):
+  """The weight half of an iteration: SGD on the weights, cross-entropy on a training-half batch.
+
+  Draws its own Gumbel sample (``keys = (augmentation key, sample key)``) and
+  updates the weights, their optimiser state and the running statistics;
+  the architecture and its optimiser state are left as they are. With
+  ``problem.freeze_undrawn`` the batch-norm rows of candidates not drawn keep
+  their values and momentum (PyTorch skips parameters without a gradient).
+  Returns ``(new_state, metrics)``.
+  """
+  k_aug, k_sample = keys
+  x = _augment(problem, k_aug, batch["images"])
+
+  def loss_fn(weights):
+    model = nnx.merge(problem.graphdef, weights, state["arch"], state["stats"], copy=True)
+    sel = model.sample(k_sample, tau)
+    logits, _ = model.forward(x, sel, train=True, with_costs=False)
+    return distill.cross_entropy(logits, batch["labels"]), (nnx.state(model, nnx.BatchStat), logits, sel.idx)
+
+  (loss, (stats, logits, idx)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["weights"])
+  if problem.freeze_undrawn:
+    model = model_of(problem, state)
+    weights, w_opt = optim.masked_update(problem.w_tx, grads, state["w_opt"], state["weights"],
+                                         supernet.drawn_mask(model, idx))
+  else:
+    updates, w_opt = problem.w_tx.update(grads, state["w_opt"], state["weights"])
+    weights = optax.apply_updates(state["weights"], updates)
+  new_state = {**state, "weights": weights, "w_opt": w_opt, "stats": stats}
+  return new_state, {"weight_loss": loss, "train_acc": distill.accuracy(logits, batch["labels"])}
+
+
+def arch_step(problem: Problem, state, batch, keys, tau, target):
+  """The architecture half: Adam on the width and depth logits, on a validation-half batch.
+
+  The loss is cross-entropy plus ``cost_weight`` times the cost loss, whose
+  sign the discrete cost of the architecture entering the step decides
+  (:func:`tas_jax.core.cost.cost_loss`). Weights and their optimiser state are left
+  as they are; the running statistics take this forward's update only with
+  ``problem.arch_bn`` (the official code runs both forwards in train mode).
+  Returns ``(new_state, metrics)``.
+  """
+  k_aug, k_sample = keys
+  x = _augment(problem, k_aug, batch["images"])
+  g, weights, stats = problem.graphdef, state["weights"], state["stats"]
+
+  def loss_fn(arch):
+    logits, costs, new_stats = supernet.apply(g, weights, arch, stats, x, k_sample, tau, train=True)
+    ce = distill.cross_entropy(logits, batch["labels"])
+    expected, discrete = model_costs(problem, nnx.merge(g, weights, arch, stats, copy=True), costs)
+    c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_macs, band=problem.band,
+                                tolerance=problem.tolerance, weight=problem.cost_weight)
+    return ce + c_loss, (new_stats, ce, c_loss, expected, logits)
+
+  (loss, (new_stats, ce, c_loss, expected, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["arch"])
+  updates, a_opt = problem.a_tx.update(grads, state["a_opt"], state["arch"])
+  arch = optax.apply_updates(state["arch"], updates)
+  new_state = {**state, "arch": arch, "a_opt": a_opt, "stats": new_stats if problem.arch_bn else stats}
+  return new_state, {"arch_loss": loss, "arch_ce": ce, "cost_loss": c_loss, "expected_flops_ratio":
+                     expected / problem.max_macs, "valid_batch_acc": distill.accuracy(logits, batch["labels"])}
+
+
+def step_keys(problem: Problem, step):
+  """The four keys of an iteration: augmentation and sample of the weight step, then of the architecture step."""
+  key = jax.random.fold_in(jax.random.key(problem.seed), step)
+  k_aug_t, k_aug_v, k_w, k_a = jax.random.split(key, 4)
+  return (k_aug_t, k_w), (k_aug_v, k_a)
+
+
+def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=None):
+  """One TAS iteration: :func:`weight_step` on ``train_batch``, then :func:`arch_step` on ``valid_batch``.
+
+  Pure; returns ``(new_state, metrics)``. ``tau`` and ``target`` (the cost
+  target; default the problem's) are traced scalars, so one compiled step
+  serves every epoch, and ``jax.vmap`` over states and targets searches for
+  several targets at once. Keys come from ``fold_in(seed, step)``.
+  """
+  target = problem.target_macs if target is None else target
+  w_keys, a_keys = step_keys(problem, state["step"])
+  state, w_metrics = weight_step(problem, state, train_batch, w_keys, tau)
+  state, a_metrics = arch_step(problem, state, valid_batch, a_keys, tau, target)
+  model = model_of(problem, state)
+  _, discrete = model_costs(problem, model)
+  new_state = {**state, "step": state["step"] + 1}
+  metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_macs,
+             "lr": problem.lr_fn(state["step"]), "tau": jnp.asarray(tau, jnp.float32)}
+  return new_state, metrics
+
+
+def fit_to_band(space: space_lib.SearchSpace, width_probs, depth_probs, shape: shapes.Shape, band,
+                max_moves: int = 10_000, cost_fn=None) -> tuple[shapes.Shape, int]:
+  """Move a shape into the cost band by the single-candidate changes that cost the least probability.
+
+  The argmax of a short search can sit just outside the band while its
+  distributions are still nearly flat. Each move changes one conv to its next
+  narrower (or wider) candidate, or one stage to its next depth choice, picking
+  the move that loses the least log-probability per MAC moved towards the band,
+  and never jumps over the band if another move lands in or before it. The
+  official code keeps the raw argmax (``fit_to_band=False``); both are written.
+  ``cost_fn(shape)`` is the cost the band is in (default: exact MACs).
+  Returns the shape and the number of moves.
+  """
+  cost_fn = cost_fn or (lambda sh: cost_lib.count(sh).macs)
+  low, high = band
+  wi, di = space.indices_of(shape)
+  logw = np.log(np.maximum(width_probs, 1e-12))
+  logd = np.log(np.maximum(depth_probs, 1e-12))
+  macs = cost_fn(shape)
+  moves = 0
+  while not low <= macs <= high and moves < max_moves:
+    down = macs > high
+    best = None
+    candidates = []
+    for l in range(len(wi)):
+      for j in _neighbours(space.width_table[l], space.width_mask[l], wi[l], down):
+        candidates.append(("w", l, j, logw[l, wi[l]] - logw[l, j]))
+    for s_ in range(len(di)):
+      for j in _neighbours(space.depth_table[s_], space.depth_mask[s_], di[s_], down):
+        candidates.append(("d", s_, j, logd[s_, di[s_]] - logd[s_, j]))
+    neutral = None  # a move that changes nothing now but may unblock a later one (a dropped block's width)
+    for kind, i, j, loss in candidates:
+      w2, d2 = wi.copy(), di.copy()
+      (w2 if kind == "w" else d2)[i] = j
+      new = cost_fn(space.shape_from_indices(w2, d2))
+      gain = (macs - new) if down else (new - macs)
+      if gain == 0 and (neutral is None or loss < neutral[0][1]):
+        neutral = ((False, loss), w2, d2, new)
+      if gain <= 0:
+        continue
+      overshoot = new < low if down else new > high
+      key = (overshoot, loss / gain)
+      if best is None or key < best[0]:
+        best = (key, w2, d2, new)
+    best = best or neutral
+    if best is None:
+      break
+    _, wi, di, macs = best
+    moves += 1
+  return space.shape_from_indices(wi, di), moves
+
+
+def _neighbours(row, mask, current, down):
+  """The next smaller (down) or larger candidate of a table row, by value."""
+  values = [(int(v), j) for j, (v, ok) in enumerate(zip(row, mask)) if ok]
+  cur = int(row[current])
+  if down:
+    smaller = [(v, j) for v, j in values if v < cur]
+    return [max(smaller)[1]] if smaller else []
+  larger = [(v, j) for v, j in values if v > cur]
+  return [min(larger)[1]] if larger else []
+
+
+def compile_step(problem: Problem, run_mesh, targets=None):
+  """The jitted search step; with ``targets`` [K] it is vectorised over K stacked states."""
+  repl = parallel.replicated(run_mesh)
+  if targets is None:
+    return jax.jit(functools.partial(search_step, problem), donate_argnums=(0,), out_shardings=(repl, repl))
+  tags = [target_tag(float(t) / problem.max_macs) for t in np.asarray(targets)]
+
+  def multi(state, tb, vb, tau):
+    new, m = jax.vmap(functools.partial(search_step, problem), in_axes=(0, None, None, None, 0))(
+        state, tb, vb, tau, targets)
+    # Scalars per target, so the loop logs them like a single search's.
+    return new, {f"{k}_{tag}": v[i] for k, v in m.items() for i, tag in enumerate(tags)}
+
+  return jax.jit(multi, donate_argnums=(0,), out_shardings=(repl, repl))
+
+
+def tau_at(config, epoch: int) -> float:
+  fn = schedules.tau_schedule(config.tau_schedule, tau_max=config.tau_max, tau_min=config.tau_min)
+  return float(fn(epoch, config.epochs))
+
+
+def arch_probabilities(problem: Problem, state) -> dict:
+  model = model_of(problem, state)
+  return {"width": np.asarray(model.width_probs()).round(5).tolist(),
+          "depth": np.asarray(model.depth_probs()).round(5).tolist()}
+
+
+def argmax_shape(problem: Problem, state) -> shapes.Shape:
+  model = model_of(problem, state)
+  return model.argmax_shape()
+
+
+# Validation draws its Gumbel samples and augmentation from a key stream of its own.
+VALIDATION_STREAM = 1 << 30
+
+
+def model_of(problem: Problem, state) -> supernet.Supernet:
+  """The supernet holding a search state's variables (a copy: the state is never mutated)."""
+  return nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
+
+
+def stochastic_logits_fn(problem: Problem):
+  """Search validation as the official code computes it: the stochastic forward at the epoch's tau, eval mode.
+
+  Takes ``((state, key, tau), images, batch_index)``: the images get the
+  training augmentation (the official validation half is augmented) and a
+  fresh Gumbel sample per batch, from ``fold_in(key, batch_index)``.
+  """
+
+  def fn(packed, images, index):
+    state, key, tau = packed
+    k_aug, k_sample = jax.random.split(jax.random.fold_in(key, index))
+    x = _augment(problem, k_aug, images)
+    logits, _, _ = supernet.apply(problem.graphdef, state["weights"], state["arch"], state["stats"], x, k_sample,
+                                  tau, train=False, with_costs=False)
+    return logits
+
+  return fn
+
+
+def best_genotype(path: str, target: float, multi_target: float | None = None) -> dict | None:
+  """The official best genotype: highest search-validation accuracy among epochs within BEST_BAND of the target.
+
+  Reads the per-epoch records of ``genotypes.jsonl`` (those of
+  ``multi_target`` in a several-target run); None when no epoch qualifies.
+  Ties go to the later epoch.
+  """
+  if not os.path.exists(path):
+    return None
+  best = None
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      if multi_target is not None and rec.get("target") != multi_target:
+        continue
+      if abs(rec["flops_ratio"] - target) <= BEST_BAND + 1e-12 and (best is None or rec["val_acc"] >= best["val_acc"]):
+        best = rec
+  return best
+
+
+def hard_logits_fn(problem: Problem):
+  """Logits of the argmax network in eval mode, for evaluation."""
+
+  def fn(state, images):
+    x = data_lib.normalize(images, problem.mean, problem.std)
+    logits, _, _ = supernet.apply(problem.graphdef, state["weights"], state["arch"], state["stats"], x, None, 1.0,
+                                  train=False, hard=True, with_costs=False)
+    return logits
+
+  return fn
+
+
+def cost_of(problem: Problem, shape: shapes.Shape) -> float:
+  """The search's cost of a shape: exact MACs, or predicted latency in seconds."""
+  if problem.tables is None:
+    return float(cost_lib.count(shape).macs)
+  return _latency_of(problem.space, problem.tables, shape)
+
+
+def target_tag(ratio: float) -> str:
+  return f"{ratio:g}"
