@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from tas_jax import data
 from tas_jax.configs import search as search_configs
-from tas_jax.runtime import checkpoint, parallel
-
-
-from tas_jax.core import cost
+from tas_jax.core import cost, shape_files
 from tas_jax.core import space as space_lib
-from tas_jax.core import shape_files
 from tas_jax.programs import search
+from tas_jax.runtime import checkpoint, models, parallel
 from tas_jax.steps import search as search_lib
+
+
 def tiny_config(**overrides):
   c = search_configs.get_config("smoke")
   c.model = "resnet8"
@@ -73,6 +73,23 @@ def test_one_and_eight_devices_agree(tmp_path):
   s1, s8 = final_state(tiny_config(), tmp_path / "d1"), final_state(tiny_config(), tmp_path / "d8")
   for a, b in zip(jax.tree.leaves(s1["arch"]), jax.tree.leaves(s8["arch"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  check_exported_model(tmp_path / "d1", s1, r1)
+
+
+def check_exported_model(workdir, state, result):
+  """Catches a search that leaves no loadable network, one of another shape, or one without the supernet's weights.
+
+  The saved network must compute what the final supernet computes in hard eval mode at the saved shape.
+  """
+  shape, net = models.load_model(str(workdir))
+  assert shape == shape_files.load(str(workdir / "shape.json"))
+  if result["fit_moves"]:  # band fitting moved off the argmax: the supernet's hard forward is another shape
+    return
+  problem, _ = search_lib.build(tiny_config(), 10, 1)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  want = search_lib.hard_logits_fn(problem)(state, images)
+  got = net(data.normalize(images, problem.mean, problem.std))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow  # tests/faults_slow_test.py kills and resumes searches too; this one takes half a minute

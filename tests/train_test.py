@@ -14,7 +14,6 @@ from conftest import ROOT
 from tas_jax.cli import latency as latency_cli
 from tas_jax.configs import train as train_configs
 from tas_jax.core import cost, shapes
-from tas_jax.core import space as space_lib
 from tas_jax.core import shape_files
 
 # resnet8 with a pruned stage-1 block whose input (16) and output (12) widths
@@ -228,15 +227,12 @@ def test_finetune_from_a_search_run(tmp_path):
   c.model, c.batch_size, c.num_train_examples, c.eval_examples, c.epochs = "resnet8", 16, 64, 16, 1
   search_dir = str(tmp_path / "search")
   search.run(c, search_dir)
-  argmax = shape_files.load(os.path.join(search_dir, "shape_argmax.json"))
-  shape, net = train.export_search(search_dir)
-  assert shape == argmax
-  target = space_lib.search_space(shape_files.preset("resnet8")).shape_from_indices(np.full(7, 3), np.zeros(3, np.int32))
-  shape, net = train.export_search(search_dir, target)
-  assert shape.widths == target.widths
+  searched = shape_files.load(os.path.join(search_dir, "shape.json"))
+  shape, net = models.load_model(search_dir)  # the search's export of its final shape
+  assert (shape.widths, shape.blocks) == (searched.widths, searched.blocks)
   workdir = str(tmp_path / "ft")
-  result = train.run(tiny_config("finetune", init_from=search_dir, shape=_save(target, tmp_path)), workdir)
-  assert result["finished"] and result["shape"]["widths"] == list(target.widths)
+  result = train.run(tiny_config("finetune", init_from=search_dir), workdir)
+  assert result["finished"] and result["shape"]["widths"] == list(searched.widths)
 
 
 def test_imagenet_scratch_b_rule():

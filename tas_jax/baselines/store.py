@@ -25,7 +25,8 @@ def save(shape: Shape, path: str, info: dict | None = None, pruned: Pruned | Non
   """Write ``shape`` to ``path`` (a shape JSON with a ``pruning`` record) and the weights of ``pruned``.
 
   The record (``info``: method, target, ...) and ``label`` (what produced the
-  shape, for tables) are extra keys that :func:`tas_jax.core.shape_files.load` ignores. The weights go to :func:`weights_dir`
+  shape, for tables) are extra keys that :func:`tas_jax.core.shape_files.load` ignores. The weights go to
+  :func:`weights_dir`
   as a model directory (``shape.json`` + Orbax ``params/``, plus
   ``kept.json``), which :func:`tas_jax.runtime.models.load_model` reads and a
   ``finetune`` run takes as ``init_from``. Returns that directory or None.

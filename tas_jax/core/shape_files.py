@@ -1,4 +1,4 @@
-"""Shapes by name and on disk: presets, the project's shape JSON, and the official TAS ``.config`` format (METHOD.md §5).
+"""Shapes by name and on disk: presets, shape JSON, and the official TAS ``.config`` format (METHOD.md §5).
 
 :func:`resolve` is the one door every program uses: a preset name, a shape
 JSON file or an official ``.config`` file.

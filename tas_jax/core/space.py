@@ -1,4 +1,4 @@
-"""TAS's search space (METHOD.md §1.2, §1.3): the width candidates of every conv and the depth candidates of every stage."""
+"""TAS's search space (METHOD.md §1.2, §1.3): width candidates of every conv, depth candidates of every stage."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Measured inference latency of pruned networks on the current device.
 
 MACs say little about speed on accelerators (METHOD.md §7.3): a network with
-half the MACs is often far less than twice as fast, so the toolkit reports measured time beside the counts. The protocol:
+half the MACs is often far less than twice as fast, so the toolkit reports
+measured time beside the counts. The protocol:
 build the network of a shape (eval mode, random weights: time does not depend
 on their values), jit its forward for one batch size, run it once to compile
 and ``warmup`` more times, then time ``runs`` calls, each waited for with

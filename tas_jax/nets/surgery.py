@@ -162,7 +162,8 @@ def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
   """
   shape = model.argmax_shape()
   wi, _ = (np.asarray(a) for a in model.argmax())
-  net = resnet.build(shape)
+  # Built abstractly: every value is set below, and random init would compile an initialiser per new shape.
+  net = nnx.eval_shape(lambda: resnet.build(shape))
   space = model.space
   _load_conv(net.stem, model.stem, int(wi[0]), shape.in_channels, shape.widths[0])
   kept = [(spec, sb) for spec, sb in zip(space.layout.blocks, model.blocks) if spec.index < shape.blocks[spec.stage]]
@@ -176,31 +177,34 @@ def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
       continue
     j, cout = int(wi[spec.convs[-1]]), ws[-1]
     if sb.shortcut is None:  # identity in the supernet: identity projection in the pruned net
-      pb.shortcut.conv.kernel[...] = jnp.eye(cin, cout)[None, None]
+      _set(pb.shortcut.conv.kernel, np.eye(cin, cout)[None, None])
       if pb.shortcut.bn is not None:
         _neutral_bn(pb.shortcut.bn, cout)
       continue
     kernel = sb.shortcut.kernel[...][:, :, :cin, :cout]
     if pb.shortcut.bn is not None and sb.shortcut.has_bn:
-      pb.shortcut.conv.kernel[...] = kernel
+      _set(pb.shortcut.conv.kernel, kernel)
       _set_bn(pb.shortcut.bn, *(getattr(sb.shortcut, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var")))
     elif pb.shortcut.bn is not None:
-      pb.shortcut.conv.kernel[...] = kernel
+      _set(pb.shortcut.conv.kernel, kernel)
       _neutral_bn(pb.shortcut.bn, cout)
     elif sb.shortcut.has_bn:  # fold the eval-mode affine into the kernel and the branch's offset
       scale, bias, mean, var = (getattr(sb.shortcut, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var"))
       a = scale * jax.lax.rsqrt(var + resnet.BN_EPSILON)
-      pb.shortcut.conv.kernel[...] = kernel * a
+      _set(pb.shortcut.conv.kernel, kernel * a)
       last_bn = pb.convs[-1].bn
-      last_bn.bias[...] = last_bn.bias[...] + bias - mean * a
+      _set(last_bn.bias, last_bn.bias[...] + bias - mean * a)
     else:
-      pb.shortcut.conv.kernel[...] = kernel
+      _set(pb.shortcut.conv.kernel, kernel)
   c = shape.out_width
-  net.head.kernel[...] = model.head_kernel[...][:c]
-  net.head.bias[...] = model.head_bias[...]
+  _set(net.head.kernel, model.head_kernel[...][:c])
+  _set(net.head.bias, model.head_bias[...])
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(net))):
+    raise AssertionError("a variable of the exported network was left unset")
+  net.eval()
   return shape, net
 
 
 def _load_conv(dst: resnet.ConvBN, src: supernet_lib.SuperConv, j: int, cin: int, cout: int):
-  dst.conv.kernel[...] = src.kernel[...][:, :, :cin, :cout]
+  _set(dst.conv.kernel, src.kernel[...][:, :, :cin, :cout])
   _set_bn(dst.bn, *(getattr(src, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var")))

@@ -127,10 +127,10 @@ def inherit_source(path: str) -> str:
                         "--method l1|slimming)")
   if not os.path.isdir(path):
     raise ProtocolError(f"--inherit {path} does not exist")
-  if (os.path.isfile(os.path.join(path, "shape.json")) or os.path.isdir(os.path.join(path, models.MODEL_DIR))
-      or train.is_search_run(path)):
+  if os.path.isfile(os.path.join(path, "shape.json")) or os.path.isdir(os.path.join(path, models.MODEL_DIR)):
     return path
-  raise ProtocolError(f"{path} holds no trained network (model/ of a finished run, or shape.json + params/)")
+  raise ProtocolError(f"{path} holds no trained network (model/ of a finished training or search run, or "
+                      "shape.json + params/)")
 
 
 def variant_config(variant: str, seed: int, *, shape_path: str, recipe: str, family: str, teacher: str = "",

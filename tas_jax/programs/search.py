@@ -22,13 +22,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tas_jax import data as data_lib
+from tas_jax import programs
 from tas_jax.core import cost as cost_lib
 from tas_jax.core import shape_files
 from tas_jax.latency import measure as latency_lib
 from tas_jax.latency import table as latency_table
 from tas_jax.nets import supernet
 from tas_jax.runtime import evaluate as evaluate_lib
-from tas_jax.runtime import files, runs
+from tas_jax.runtime import files, models, runs
 from tas_jax.runtime import loop as loop_lib
 from tas_jax.steps import search as search_lib
 
@@ -175,7 +176,8 @@ def _search(s: _Search, state):
   def save(state, step):
     s.ckpt.save(step, state, meta={"epoch": step // s.spe, "step": step}, force=True)
 
-  loop = loop_lib.make_loop(run_, config, total_steps=s.total, steps_per_epoch=s.spe, save=save, on_epoch=on_epoch)
+  loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=s.total, steps_per_epoch=s.spe, save=save,
+                            on_epoch=on_epoch)
   state = loop_lib.drive(run_, loop, state, s.start, one_step, prefetch, s.ckpt)
   return state, min(s.total, s.start + loop.stop_after)
 
@@ -225,6 +227,9 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
               "unpruned_predicted_latency_ms": problem.max_macs * 1e3})
   name = f"shape{s.suffix(i)}.json"
   best = search_lib.best_genotype(run_.path("genotypes.jsonl"), ratio, ratio if s.multi else None)
+  _, net = search_lib.export_at(problem, st, shape)
+  models.save_model(run_.path(f"{models.MODEL_DIR}{s.suffix(i)}"), shape, nnx.state(net, nnx.Param),
+                    nnx.state(net, nnx.BatchStat), run_.is_main)
   if run_.is_main:
     shape_files.save(shape, run_.path(name))
     shape_files.save(argmax, run_.path(name.replace("shape", "shape_argmax")))

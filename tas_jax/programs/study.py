@@ -195,7 +195,8 @@ def run_searches(cfg: StudyConfig, workdir: str, search_fn: Callable = search.ru
       if not r.get("finished", True):
         raise StudyError(f"the search run {d} stopped before its end; rerun to resume")
     searched = os.path.join(d, "shape.json")  # the shape to train, whatever else the search writes
-    out.append(_stored(workdir, f"tas-s{seed}", "tas", d, lambda p=searched: (shape_files.load(p), {"search_seed": seed})))
+    out.append(_stored(workdir, f"tas-s{seed}", "tas", d,
+                       lambda p=searched: (shape_files.load(p), {"search_seed": seed})))
   return out
 
 

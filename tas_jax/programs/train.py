@@ -59,27 +59,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from tas_jax import data as data_lib
+from tas_jax import programs
 from tas_jax.core import cost as cost_lib
 from tas_jax.core import shapes
 from tas_jax.core import shape_files
 from tas_jax.nets import resnet, surgery
-from tas_jax.runtime import checkpoint as checkpoint_lib
 from tas_jax.runtime import evaluate as evaluate_lib
 from tas_jax.runtime import files, models, runs
 from tas_jax.runtime import loop as loop_lib
-from tas_jax.steps import search as search_lib
 from tas_jax.steps import train as train_lib
 
 log = logging.getLogger("tas_jax")
@@ -144,54 +141,12 @@ def check_recipe(config, family: shapes.Shape) -> None:
 # ----------------------------------------------------------------------------- inherited weights
 
 
-def is_search_run(run_dir: str) -> bool:
-  path = os.path.join(run_dir, "config.json")
-  if os.path.isdir(os.path.join(run_dir, models.MODEL_DIR)) or not os.path.isfile(path):
-    return False
-  with open(path) as f:
-    return "target_flops_ratio" in json.load(f)
-
-
-def export_search(run_dir: str, shape: shapes.Shape | None = None) -> tuple[shapes.Shape, resnet.ResNet]:
-  """The pruned network of a finished search's final supernet (:func:`tas_jax.nets.surgery.export`).
-
-  By default the supernet's argmax shape; with ``shape`` (which must lie in
-  the search space, e.g. the search's band-fitted ``shape.json``) the
-  architecture logits are pointed at that shape before the export, so its
-  convs get their own candidates' batch norms.
-  """
-  if not os.path.isfile(os.path.join(run_dir, "result.json")):
-    raise runs.RunError(f"the search in {run_dir} has not finished (no result.json); finish it first")
-  with open(os.path.join(run_dir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  searched = shape_files.load(os.path.join(run_dir, "shape.json"))
-  problem, state = search_lib.build(cfg, searched.num_classes, 1)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=None)
-  try:
-    state, _ = ckpt.restore(abstract)
-  except checkpoint_lib.CheckpointError as e:
-    raise runs.RunError(f"cannot read the search's final checkpoint: {e}") from None
-  finally:
-    ckpt.close()
-  model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"])
-  if shape is not None:
-    wi, di = model.space.indices_of(shape)
-    model.width_logits[...] = jax.nn.one_hot(wi, model.space.width_table.shape[1])
-    model.depth_logits[...] = jax.nn.one_hot(di, model.space.depth_table.shape[1])
-  exported, net = surgery.export(model)
-  if shape is not None and (exported.widths, exported.blocks) != (shape.widths, shape.blocks):
-    raise shapes.ShapeError("the exported shape differs from the requested one")
-  return exported, net
-
-
 def initial_network(config, num_classes: int, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
   """The shape a run trains and its network before the first step.
 
   Random init (Kaiming, METHOD.md §6.1) for base, scratch and kd; inherited
-  weights for finetune (:func:`surgery.inherit` from a training run,
-  :func:`export_search` from a search run).
+  weights for finetune (:func:`tas_jax.nets.surgery.inherit` from the
+  network a training or search run saved in ``model/``).
   """
   mode = config.mode
   try:
@@ -208,13 +163,9 @@ def initial_network(config, num_classes: int, dtype=None) -> tuple[shapes.Shape,
     source = config.get("init_from") or ""
     if not source:
       raise runs.RunError("mode finetune needs config.init_from: a finished training or search run directory")
-    if is_search_run(source):
-      shape, net = export_search(source, shape)
-      net = surgery.with_dtype(net, dtype)
-    else:
-      src_shape, src = models.load_model(source)
-      shape = shape or src_shape
-      net = surgery.inherit(src, shape, dtype)
+    src_shape, src = models.load_model(source)
+    shape = shape or src_shape
+    net = surgery.inherit(src, shape, dtype)
   except shapes.ShapeError as e:
     raise runs.RunError(str(e)) from None
   if shape.num_classes != num_classes:
@@ -371,7 +322,8 @@ def _train(t: _Training, state):
                                      "train_s": t.clock.seconds(), "images": images_before + (step - t.start) * bs},
                   force=True)
 
-  loop = loop_lib.make_loop(run_, config, total_steps=t.total, steps_per_epoch=spe, save=save, on_epoch=on_epoch)
+  loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=t.total, steps_per_epoch=spe, save=save,
+                            on_epoch=on_epoch)
   state = loop_lib.drive(run_, loop, state, t.start, lambda state, step: t.step_fn(state, next(prefetch),
                                                                                     t.teacher_vars), prefetch, t.ckpt)
   return state, min(t.total, t.start + loop.stop_after)

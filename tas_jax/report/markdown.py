@@ -167,7 +167,8 @@ def write_report(pipeline_dir: str) -> str:
   if search:
     curves = data.search_curves(data.read_jsonl(os.path.join(workdir, "search", "metrics.jsonl")), search)
     if curves["epoch"]:
-      plots.plot_search(curves, os.path.join(fig_dir, "search_flops.png"), "MACs ratio and temperature during the search")
+      plots.plot_search(curves, os.path.join(fig_dir, "search_flops.png"),
+                        "MACs ratio and temperature during the search")
       band = curves["band"]
       add("search_flops.png", "Cost over the search",
           "Top: the MACs of the most likely (argmax) shape as a fraction of the unpruned network's, at every "
@@ -200,7 +201,8 @@ def write_report(pipeline_dir: str) -> str:
     if curves_of_stage["epoch"]:
       train_curves[stage] = curves_of_stage
   if train_curves:
-    plots.plot_training(train_curves, os.path.join(fig_dir, "training.png"), "Training of the unpruned and searched networks")
+    plots.plot_training(train_curves, os.path.join(fig_dir, "training.png"),
+                        "Training of the unpruned and searched networks")
     add("training.png", "Training curves",
         "Per-epoch mean cross-entropy (left) and training accuracy (right, lines) of the unpruned network (base) "
         "and of the searched shape trained with distillation (kd; the cross-entropy part of its loss); diamonds "

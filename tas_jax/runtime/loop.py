@@ -6,6 +6,7 @@ is written down in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -163,13 +164,22 @@ def _non_finite_first(values: Mapping[str, float]) -> dict:
   return dict(sorted(values.items(), key=lambda kv: math.isfinite(kv[1])))
 
 
-def make_loop(run: Run, config, *, total_steps: int, steps_per_epoch: int, save: Callable,
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """How often a loop logs and checkpoints, and after how many steps of this invocation it stops (0: never)."""
+
+  log_every: int
+  checkpoint_every: int
+  stop_after: int = 0
+
+
+def make_loop(run: Run, cadence: Cadence, *, total_steps: int, steps_per_epoch: int, save: Callable,
               on_epoch: Callable | None = None) -> Loop:
-  """The step loop of a program, with the cadences and the early stop its config names."""
-  return Loop(run, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=int(config.log_every_steps),
-              checkpoint_every=int(config.checkpoint_every_steps), save=save, on_epoch=on_epoch,
-              describe=lambda step: {"epoch": step // steps_per_epoch},
-              stop_after=int(config.get("stop_after_steps", 0) or 0))
+  """The step loop of a program at the given cadence."""
+  return Loop(run, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=cadence.log_every,
+              checkpoint_every=cadence.checkpoint_every, save=save, on_epoch=on_epoch,
+              describe=lambda step: {"epoch": step // steps_per_epoch}, stop_after=cadence.stop_after)
+
 
 
 def drive(run: Run, loop: Loop, state, start: int, step_fn: Callable, prefetch, ckpt):

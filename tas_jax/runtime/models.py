@@ -65,7 +65,7 @@ def load_model(run_dir: str, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
   shape_path, params_path = os.path.join(directory, "shape.json"), os.path.join(directory, "params")
   if not (os.path.isfile(shape_path) and os.path.isdir(params_path)):
     raise RunError(f"no trained model in {run_dir} (expected {MODEL_DIR}/shape.json and {MODEL_DIR}/params, "
-                          "written when a training run finishes)")
+                          "written when a training or search run finishes)")
   shape = shape_files.load(shape_path)
   model = resnet.build(shape, 0, dtype)
   target = {"params": nnx.state(model, nnx.Param), "stats": nnx.state(model, nnx.BatchStat)}

@@ -28,7 +28,7 @@ from tas_jax.core import distill, optim, schedules, shapes
 from tas_jax.core import space as space_lib
 from tas_jax.core import shape_files
 from tas_jax.latency import table as latency_table
-from tas_jax.nets import supernet
+from tas_jax.nets import supernet, surgery
 from tas_jax.runtime import parallel, runs
 
 
@@ -433,3 +433,24 @@ def cost_of(problem: Problem, shape: shapes.Shape) -> float:
 
 def target_tag(ratio: float) -> str:
   return f"{ratio:g}"
+
+
+def export_at(problem: Problem, state, shape: shapes.Shape | None = None):
+  """The pruned network of a supernet state (:func:`tas_jax.nets.surgery.export`): ``(shape, network)``, eval mode.
+
+  By default the supernet's argmax shape; with ``shape`` (which must lie in
+  the search space, e.g. the band-fitted shape) the architecture logits are
+  pointed at that shape first, so its convs get their own candidates' batch
+  norms.
+  """
+  # On the host, one copy: the state may be replicated over a mesh of several processes.
+  local = jax.tree.map(jnp.asarray, jax.device_get((state["weights"], state["arch"], state["stats"])))
+  model = nnx.merge(problem.graphdef, *local, copy=True)
+  if shape is not None:
+    wi, di = model.space.indices_of(shape)
+    model.width_logits[...] = jax.nn.one_hot(wi, model.space.width_table.shape[1])
+    model.depth_logits[...] = jax.nn.one_hot(di, model.space.depth_table.shape[1])
+  exported, net = surgery.export(model)
+  if shape is not None and (exported.widths, exported.blocks) != (shape.widths, shape.blocks):
+    raise shapes.ShapeError("the exported shape differs from the requested one")
+  return exported, net
