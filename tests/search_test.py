@@ -16,6 +16,7 @@ from tas_jax.core import space as space_lib
 from tas_jax.programs import search
 from tas_jax.runtime import checkpoint, models, parallel
 from tas_jax.steps import search as search_lib
+from tas_jax.core import derive
 
 
 def tiny_config(**overrides):
@@ -133,10 +134,10 @@ def test_fit_to_band_lands_inside():
   full = cost.count(base).macs
   for lo, hi in [(0.45, 0.5), (0.8, 0.85)]:
     band = (lo * full, hi * full)
-    shape, moves = search_lib.fit_to_band(space, wp, dp, base if lo > 0.5 else base, band)
+    shape, moves = derive.fit_to_band(space, wp, dp, base if lo > 0.5 else base, band)
     assert band[0] <= cost.count(shape).macs <= band[1] and moves > 0
     small = space.shape_from_indices(np.zeros(19, np.int32), np.zeros(3, np.int32))
-    shape, _ = search_lib.fit_to_band(space, wp, dp, small, band)
+    shape, _ = derive.fit_to_band(space, wp, dp, small, band)
     assert band[0] <= cost.count(shape).macs <= band[1]
 
 

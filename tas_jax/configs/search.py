@@ -82,7 +82,7 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.latency_batch = 1  # batch size the latency is measured and targeted at
   c.target_latency_ms = 0.0  # > 0: absolute latency target (cost=latency); else target_flops_ratio of the unpruned
   c.targets = ""  # "0.3,0.5,0.7": one vectorised run, one shape per target ratio (shape_<ratio>.json)
-  # exact: nudge a final argmax outside the cost band into it (tas_jax.steps.search.fit_to_band); official trains the
+  # exact: nudge a final argmax outside the cost band into it (tas_jax.core.derive.fit_to_band); official trains the
   # last epoch's raw argmax.
   c.fit_to_band = "exact" in variants
   if name.startswith("imagenet"):

@@ -129,3 +129,5 @@ def _pad_rows(rows):
   table = np.array([list(r) + [r[-1]] * (k - len(r)) for r in rows], np.int32)
   mask = np.array([[i < len(r) for i in range(k)] for r in rows], bool)
   return table, mask
+
+

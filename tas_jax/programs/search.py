@@ -32,6 +32,7 @@ from tas_jax.runtime import evaluate as evaluate_lib
 from tas_jax.runtime import files, models, runs
 from tas_jax.runtime import loop as loop_lib
 from tas_jax.steps import search as search_lib
+from tas_jax.core import derive
 
 log = logging.getLogger("tas_jax")
 
@@ -211,7 +212,7 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
   shape, moves = argmax, 0
   if config.get("fit_to_band", True):
     model = nnx.merge(problem.graphdef, st["weights"], st["arch"], st["stats"], copy=True)
-    shape, moves = search_lib.fit_to_band(problem.space, np.asarray(model.width_probs()),
+    shape, moves = derive.fit_to_band(problem.space, np.asarray(model.width_probs()),
                                           np.asarray(model.depth_probs()), argmax, band,
                                           cost_fn=lambda sh: search_lib.cost_of(problem, sh))
   c, full = cost_lib.count(shape), cost_lib.count(problem.space.base).macs
@@ -228,8 +229,10 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
   name = f"shape{s.suffix(i)}.json"
   best = search_lib.best_genotype(run_.path("genotypes.jsonl"), ratio, ratio if s.multi else None)
   _, net = search_lib.export_at(problem, st, shape)
-  models.save_model(run_.path(f"{models.MODEL_DIR}{s.suffix(i)}"), shape, nnx.state(net, nnx.Param),
-                    nnx.state(net, nnx.BatchStat), run_.is_main)
+  # Replicated over the run's devices: Orbax writes global arrays, also when several processes share the run.
+  variables = runs.replicate(run_, {"params": nnx.state(net, nnx.Param), "stats": nnx.state(net, nnx.BatchStat)})
+  models.save_model(run_.path(f"{models.MODEL_DIR}{s.suffix(i)}"), shape, variables["params"], variables["stats"],
+                    run_.is_main)
   if run_.is_main:
     shape_files.save(shape, run_.path(name))
     shape_files.save(argmax, run_.path(name.replace("shape", "shape_argmax")))
