@@ -99,7 +99,7 @@ def test_vectorised_targets_equal_single_searches():
   batch = lambda: parallel.global_batch(mesh, {"images": rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
                                                "labels": rng.integers(0, 10, 16).astype(np.int32)})
   batches = [(batch(), batch()) for _ in range(3)]
-  targets = jnp.asarray([0.3, 0.7], jnp.float32) * problem.max_macs
+  targets = jnp.asarray([0.3, 0.7], jnp.float32) * problem.max_cost
   multi_step = search_lib.compile_step(problem, mesh, targets=targets)
   single_step = jax.jit(functools.partial(search_lib.search_step, problem))
   stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)

@@ -72,6 +72,7 @@ class _Search:
   v_batches: Any
   ckpt: Any
   start: int
+  meta: dict
   step_fn: Any = None
 
   @property
@@ -123,22 +124,22 @@ def _set_up(config, workdir: str, distributed, cost_kind: str):
   problem, state = search_lib.build(config, dataset.num_classes, t_batches.steps_per_epoch, dataset.mean,
                                     dataset.std, bool(dataset.streaming), tables)
   if cost_kind == "latency" and float(config.get("target_latency_ms", 0) or 0) > 0:
-    targets = [float(config.target_latency_ms) / 1e3 / problem.max_macs]
+    targets = [float(config.target_latency_ms) / 1e3 / problem.max_cost]
     search_lib.check_target(problem.space, targets[0], True, tables)
   if len(targets) > 1:
     state = jax.tree.map(lambda x: jnp.stack([x] * len(targets)), state)
   state = runs.replicate(run_, state)
   fp = runs.fingerprint(config, search_lib.FINGERPRINT_KEYS + ("cost", "targets", "latency_batch", "target_latency_ms"))
   ckpt = runs.open_checkpoints(run_, fp)
-  state, _, start = runs.restore(run_, ckpt, state)
+  state, meta, start = runs.restore(run_, ckpt, state)
   s = _Search(config, run_, dataset, problem, targets, tables, train_half, valid_half, t_batches, v_batches, ckpt,
-              start)
+              start, meta)
   # Epochs the run is about to repeat would otherwise be logged twice.
   for name in ("arch_probs.jsonl", "genotypes.jsonl"):
     runs.keep_records(run_, name, lambda r: (int(r.get("epoch", -1)) + 1) * s.spe <= start)
   if start:
     log.info("resuming at step %d of %d", start, s.total)
-  target_costs = jnp.asarray([t * problem.max_macs for t in targets], jnp.float32)
+  target_costs = jnp.asarray([t * problem.max_cost for t in targets], jnp.float32)
   s.step_fn = search_lib.compile_step(problem, run_.mesh, targets=target_costs if s.multi else None)
   os.makedirs(run_.path("shapes"), exist_ok=True)
   return s, state
@@ -174,11 +175,11 @@ def _search(s: _Search, state):
       out.update(_epoch_record(s, s.of_target(state, i), i, epoch, tau, eval_fn, search_eval_fn))
     return out
 
-  def save(state, step):
-    s.ckpt.save(step, state, meta={"epoch": step // s.spe, "step": step}, force=True)
+  def save(state, step, carry):
+    s.ckpt.save(step, state, meta=runs.checkpoint_meta({"epoch": step // s.spe, "step": step}, carry), force=True)
 
   loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=s.total, steps_per_epoch=s.spe, save=save,
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, resumed=runs.resumed_carry(s.meta))
   state = loop_lib.drive(run_, loop, state, s.start, one_step, prefetch, s.ckpt)
   return state, min(s.total, s.start + loop.stop_after)
 
@@ -190,7 +191,7 @@ def _epoch_record(s: _Search, st, i: int, epoch: int, tau: float, eval_fn, searc
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(problem.seed), search_lib.VALIDATION_STREAM), epoch)
   val_acc, _ = search_eval_fn((st, key, jnp.float32(tau)))
   argmax_acc, _ = eval_fn(st)
-  ratio = float(search_lib.model_costs(problem, search_lib.model_of(problem, st))[1]) / problem.max_macs
+  ratio = float(search_lib.model_costs(problem, search_lib.model_of(problem, st))[1]) / problem.max_cost
   if run_.is_main:
     shape_files.save(shape, run_.path("shapes", f"epoch_{epoch:03d}{suffix}.json"))
     target = {"target": s.targets[i]} if s.multi else {}
@@ -200,7 +201,7 @@ def _epoch_record(s: _Search, st, i: int, epoch: int, tau: float, eval_fn, searc
       f.write(json.dumps({"epoch": epoch, **target, "val_acc": val_acc, "flops_ratio": ratio,
                           "shape": f"shapes/epoch_{epoch:03d}{suffix}.json"}) + "\n")
   return {f"val_acc{suffix}": val_acc, f"val_acc_argmax{suffix}": argmax_acc,
-          f"flops_ratio_exact{suffix}": search_lib.cost_of(problem, shape) / problem.max_macs,
+          f"flops_ratio_exact{suffix}": search_lib.cost_of(problem, shape) / problem.max_cost,
           f"macs{suffix}": cost_lib.count(shape).macs}
 
 
@@ -208,7 +209,7 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
   """One target's outcome: the argmax shape fitted into its band, its costs, and the files written for it."""
   config, problem, run_, ratio = s.config, s.problem, s.run, s.targets[i]
   argmax = search_lib.argmax_shape(problem, st)
-  band = cost_lib.cost_band(ratio * problem.max_macs, problem.max_macs, problem.band, problem.tolerance)
+  band = cost_lib.cost_band(ratio * problem.max_cost, problem.max_cost, problem.band, problem.tolerance)
   shape, moves = argmax, 0
   if config.get("fit_to_band", True):
     model = nnx.merge(problem.graphdef, st["weights"], st["arch"], st["stats"], copy=True)
@@ -218,14 +219,14 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
   c, full = cost_lib.count(shape), cost_lib.count(problem.space.base).macs
   value = search_lib.cost_of(problem, shape)
   r = {"target": ratio, "cost": cost_kind, "macs": c.macs, "params": c.params, "flops_ratio": c.macs / full,
-       "cost_ratio": value / problem.max_macs,
-       "argmax_cost_ratio": search_lib.cost_of(problem, argmax) / problem.max_macs, "fit_moves": moves,
-       "band_ratio": [b / problem.max_macs for b in band], "in_band": band[0] <= value <= band[1]}
+       "cost_ratio": value / problem.max_cost,
+       "argmax_cost_ratio": search_lib.cost_of(problem, argmax) / problem.max_cost, "fit_moves": moves,
+       "band_ratio": [b / problem.max_cost for b in band], "in_band": band[0] <= value <= band[1]}
   if s.tables is not None:
     measured = latency_lib.measure_latency(shape, s.tables.batch_size, runs=50)["median_ms"]
     r.update({"predicted_latency_ms": value * 1e3, "measured_latency_ms": measured,
               "latency_error": (value * 1e3 - measured) / measured,
-              "unpruned_predicted_latency_ms": problem.max_macs * 1e3})
+              "unpruned_predicted_latency_ms": problem.max_cost * 1e3})
   name = f"shape{s.suffix(i)}.json"
   best = search_lib.best_genotype(run_.path("genotypes.jsonl"), ratio, ratio if s.multi else None)
   _, net = search_lib.export_at(problem, st, shape)

@@ -316,14 +316,14 @@ def _train(t: _Training, state):
         out["test_top1"], out["test_top5"] = t.test_eval(_variables(state))  # monitoring only, never selection
     return out
 
-  def save(state, step):
+  def save(state, step, carry):
     with t.clock.exclude(state):
-      t.ckpt.save(step, state, meta={"epoch": step // spe, "step": step, "best": t.best,
-                                     "train_s": t.clock.seconds(), "images": images_before + (step - t.start) * bs},
-                  force=True)
+      meta = {"epoch": step // spe, "step": step, "best": t.best, "train_s": t.clock.seconds(),
+              "images": images_before + (step - t.start) * bs}
+      t.ckpt.save(step, state, meta=runs.checkpoint_meta(meta, carry), force=True)
 
   loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=t.total, steps_per_epoch=spe, save=save,
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, resumed=runs.resumed_carry(t.meta))
   state = loop_lib.drive(run_, loop, state, t.start, lambda state, step: t.step_fn(state, next(prefetch),
                                                                                     t.teacher_vars), prefetch, t.ckpt)
   return state, min(t.total, t.start + loop.stop_after)

@@ -47,12 +47,13 @@ class Loop:
 
   def __init__(self, run: Run, *, total_steps: int, steps_per_epoch: int, log_every: int, checkpoint_every: int,
                save: Callable, on_epoch: Callable | None = None, describe: Callable[[int], dict] | None = None,
-               stop_after: int = 0):
+               stop_after: int = 0, resumed: Mapping[str, Any] | None = None):
     self.run, self.total, self.spe = run, total_steps, steps_per_epoch
     self.stop_after = stop_after
     self.log_every, self.checkpoint_every = max(1, log_every), max(0, checkpoint_every)
     self.save, self.on_epoch, self.describe = save, on_epoch, describe or (lambda step: {})
     self.resume_hint = how_to_resume()
+    self.resumed = dict(resumed or {})  # the carry of the checkpoint the run resumes from
 
   def __call__(self, state, start_step: int, step_fn: Callable):
     run = self.run
@@ -62,7 +63,7 @@ class Loop:
     # order; a checkpoint inside an epoch carries the sums so far, so a
     # resumed run averages exactly what an uninterrupted one does.
     epoch_sums, epoch_count, carried = None, 0, None
-    resumed = run.resumed_loop or {}
+    resumed = self.resumed
     if resumed.get("step") == start_step and start_step % self.spe:
       carried, epoch_count = dict(resumed.get("sums") or {}), int(resumed.get("count", 0))
     # A resumed run starts at its checkpoint; a fresh one has none yet.
@@ -110,9 +111,9 @@ class Loop:
             progress.close()
             raise self._diverged(f"non-finite loss at step {step} ({_fmt(_non_finite_first(last))})",
                                  finite_at, saved_at)
-          run.loop_carry = ({"step": step, "count": epoch_count, "sums": host_scalars(epoch_sums)}
-                            if epoch_count else None)
-          self.save(state, step)
+          carry = ({"step": step, "count": epoch_count, "sums": host_scalars(epoch_sums)}
+                   if epoch_count else None)
+          self.save(state, step, carry)
           saved_at = step
         if stop:
           self._preempted(progress, guard, step)
@@ -174,12 +175,18 @@ class Cadence:
 
 
 def make_loop(run: Run, cadence: Cadence, *, total_steps: int, steps_per_epoch: int, save: Callable,
-              on_epoch: Callable | None = None) -> Loop:
-  """The step loop of a program at the given cadence."""
+              on_epoch: Callable | None = None, resumed: Mapping[str, Any] | None = None) -> Loop:
+  """The step loop of a program at the given cadence.
+
+  ``save(state, step, carry)`` writes a checkpoint; ``carry`` (None at an epoch
+  boundary) is what the loop needs to continue exactly from that step, to be
+  stored with it (:func:`tas_jax.runtime.runs.checkpoint_meta`) and handed back
+  as ``resumed`` when the run resumes from it.
+  """
   return Loop(run, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=cadence.log_every,
               checkpoint_every=cadence.checkpoint_every, save=save, on_epoch=on_epoch,
-              describe=lambda step: {"epoch": step // steps_per_epoch}, stop_after=cadence.stop_after)
-
+              describe=lambda step: {"epoch": step // steps_per_epoch}, stop_after=cadence.stop_after,
+              resumed=resumed)
 
 
 def drive(run: Run, loop: Loop, state, start: int, step_fn: Callable, prefetch, ckpt):

@@ -70,10 +70,6 @@ class Run:
   writer: metrics_lib.MetricWriter
   is_main: bool
   config_text: str = ""  # config.json as it will be written, once the checkpoints accept this run
-  # What the Loop needs beyond the state to continue exactly (the running sums
-  # of a partly done epoch): restored with a checkpoint, saved with the next.
-  resumed_loop: dict | None = None
-  loop_carry: dict | None = None
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -181,18 +177,14 @@ def check_batch_size(batch_size: int) -> None:
 LOOP_META = "_loop"
 
 
-class _RunCheckpointer(checkpoint_lib.Checkpointer):
-  """A Checkpointer that saves the Loop's carry of the step with the caller's meta."""
+def checkpoint_meta(meta: Mapping[str, Any], carry: Mapping[str, Any] | None) -> dict:
+  """A checkpoint's meta with the loop's carry of its step (see :func:`tas_jax.runtime.loop.make_loop`)."""
+  return {**meta, LOOP_META: dict(carry)} if carry else dict(meta)
 
-  def __init__(self, run: Run, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._run = run
 
-  def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-    carry = self._run.loop_carry
-    if carry is not None and carry.get("step") == int(step):
-      meta = {**(meta or {}), LOOP_META: carry}
-    return super().save(step, state, meta, force)
+def resumed_carry(meta: Mapping[str, Any]) -> dict | None:
+  """The loop's carry stored with the checkpoint a run resumed from (None: it was saved at an epoch's end)."""
+  return meta.get(LOOP_META)
 
 
 def open_checkpoints(run: Run, fingerprint: Mapping[str, Any]) -> checkpoint_lib.Checkpointer:
@@ -201,8 +193,8 @@ def open_checkpoints(run: Run, fingerprint: Mapping[str, Any]) -> checkpoint_lib
   Only once they are accepted is ``config.json`` brought up to date.
   """
   try:
-    ckpt = _RunCheckpointer(run, run.path("checkpoints"), max_to_keep=int(run.config.get("keep_checkpoints", 2)),
-                            fingerprint=dict(fingerprint))
+    ckpt = checkpoint_lib.Checkpointer(run.path("checkpoints"), max_to_keep=int(run.config.get("keep_checkpoints", 2)),
+                                       fingerprint=dict(fingerprint))
   except checkpoint_lib.FingerprintMismatchError as e:
     listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}" for k, (old, new) in e.differences.items())
     raise RunError(f"the checkpoints in {e.directory} were written by a different configuration ({listed}); "
@@ -242,9 +234,7 @@ def restore(run: Run, ckpt: checkpoint_lib.Checkpointer, state):
             f"previous valid checkpoint, step {step}; the corrupt files were moved to "
             f"{os.path.dirname(moved[0])}", file=sys.stderr, flush=True)
   run.writer.truncate_after(step)
-  meta = dict(meta)
-  run.resumed_loop = meta.pop(LOOP_META, None)
-  return restored, meta, step
+  return restored, dict(meta), step
 
 
 def _clip(text: str, limit: int) -> str:

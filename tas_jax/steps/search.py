@@ -105,7 +105,7 @@ class Problem:
   w_tx: optax.GradientTransformation
   a_tx: optax.GradientTransformation
   lr_fn: Any
-  max_macs: float  # the unpruned network's cost (MACs, or predicted seconds with latency tables)
+  max_cost: float  # the unpruned network's cost, in the cost's unit: MACs, or predicted seconds with latency tables
   target_macs: float
   band: str
   tolerance: float
@@ -230,7 +230,7 @@ def arch_step(problem: Problem, state, batch, keys, tau, target):
     logits, costs, new_stats = supernet.apply(g, weights, arch, stats, x, k_sample, tau, train=True)
     ce = distill.cross_entropy(logits, batch["labels"])
     expected, discrete = model_costs(problem, nnx.merge(g, weights, arch, stats, copy=True), costs)
-    c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_macs, band=problem.band,
+    c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_cost, band=problem.band,
                                 tolerance=problem.tolerance, weight=problem.cost_weight)
     return ce + c_loss, (new_stats, ce, c_loss, expected, logits)
 
@@ -239,7 +239,7 @@ def arch_step(problem: Problem, state, batch, keys, tau, target):
   arch = optax.apply_updates(state["arch"], updates)
   new_state = {**state, "arch": arch, "a_opt": a_opt, "stats": new_stats if problem.arch_bn else stats}
   return new_state, {"arch_loss": loss, "arch_ce": ce, "cost_loss": c_loss, "expected_flops_ratio":
-                     expected / problem.max_macs, "valid_batch_acc": distill.accuracy(logits, batch["labels"])}
+                     expected / problem.max_cost, "valid_batch_acc": distill.accuracy(logits, batch["labels"])}
 
 
 def step_keys(problem: Problem, step):
@@ -264,7 +264,7 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
   model = model_of(problem, state)
   _, discrete = model_costs(problem, model)
   new_state = {**state, "step": state["step"] + 1}
-  metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_macs,
+  metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_cost,
              "lr": problem.lr_fn(state["step"]), "tau": jnp.asarray(tau, jnp.float32)}
   return new_state, metrics
 
@@ -274,7 +274,7 @@ def compile_step(problem: Problem, run_mesh, targets=None):
   repl = parallel.replicated(run_mesh)
   if targets is None:
     return jax.jit(functools.partial(search_step, problem), donate_argnums=(0,), out_shardings=(repl, repl))
-  tags = [target_tag(float(t) / problem.max_macs) for t in np.asarray(targets)]
+  tags = [target_tag(float(t) / problem.max_cost) for t in np.asarray(targets)]
 
   def multi(state, tb, vb, tau):
     new, m = jax.vmap(functools.partial(search_step, problem), in_axes=(0, None, None, None, 0))(
