@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 import data_fixtures
 from conftest import ROOT
 from tas_jax.configs import train as train_configs
-from tas_jax.runtime import checkpoint, runs, metrics
+from tas_jax.runtime import checkpoint, models, runs, metrics
+from tas_jax.runtime.settings import TrainSettings
 
 # Orbax leaves failed read coroutines behind when a restore of a damaged step fails.
 from tas_jax import data
@@ -171,6 +173,18 @@ def copy_run(src, dest) -> str:
   return str(dest)
 
 
+def copy_unfinished(src, dest) -> str:
+  """A copy of a finished run as a kill after its last checkpoint, before its outputs, leaves it."""
+  copy_run(src, dest)
+  for name in ("result.json", "model", "model_best"):
+    path = pathlib.Path(dest) / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+  return str(dest)
+
+
 # ----------------------------------------------------------------------------- bad input on the command line
 
 @pytest.fixture(scope="module")
@@ -214,7 +228,21 @@ CLI_CASES = {
                           "truncated"),
     "bad_image_policy": ("train", f"{TRAIN_CONFIG}:smoke", [*TINY_TRAIN, "--config.on_bad_image=maybe"],
                          "on_bad_image must be one of error, skip, got 'maybe'"),
+    # Values that cannot be meant: refused by name before the data loads or anything is written.
+    "negative_lr": ("train", f"{TRAIN_CONFIG}:smoke", [*TINY_TRAIN, "--config.lr=-0.1"], "config.lr must be >= 0"),
+    "zero_tau_min": ("search", f"{SEARCH_CONFIG}:smoke", [*TINY_SEARCH, "--config.tau_min=0"],
+                     "config.tau_min must be > 0, got 0.0"),
+    "negative_seed": ("search", f"{SEARCH_CONFIG}:smoke", [*TINY_SEARCH, "--config.seed=-1"],
+                      "config.seed must be >= 0, got -1"),
+    "no_checkpoints_kept": ("train", f"{TRAIN_CONFIG}:smoke", [*TINY_TRAIN, "--config.keep_checkpoints=0"],
+                            "config.keep_checkpoints must be >= 1, got 0"),
+    "targets_same_file": ("search", f"{SEARCH_CONFIG}:smoke", [*TINY_SEARCH, "--config.targets=0.5,0.5000001"],
+                          "config.targets must be distinct ratios"),
+    "tau_min_above_max": ("search", f"{SEARCH_CONFIG}:smoke", [*TINY_SEARCH, "--config.tau_min=20"],
+                          "config.tau_min (20.0) must not exceed config.tau_max"),
 }
+REFUSED_AT_THE_DOOR = ("negative_lr", "zero_tau_min", "negative_seed", "no_checkpoints_kept", "targets_same_file",
+                       "tau_min_above_max", "unknown_model")
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
@@ -227,6 +255,8 @@ def test_bad_command_line_fails_in_one_line(cli_results, case):
   assert expected in lines[0], lines[0]
   assert "Traceback" not in stderr and stdout == ""
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+  if case in REFUSED_AT_THE_DOOR:  # before the data loads or config.json is written
+    assert not workdir.exists()
 
 
 # ----------------------------------------------------------------------------- bad data
@@ -239,22 +269,22 @@ def test_unreadable_image_missing_and_truncated_data(tmp_path, monkeypatch):
   bad.write_bytes(b"not a png")
   config = train_config(dataset=str(tree), num_train_examples=0)
   with pytest.raises(data.DataError, match=r"unreadable image .*cat/1\.png.*on_bad_image='skip'"):
-    runs.load_data(config)
+    runs.load_data(TrainSettings.resolve(config).data)
   config.on_bad_image = "skip"  # the documented way out: leave the file out
-  dataset = runs.load_data(config)
+  dataset = runs.load_data(TrainSettings.resolve(config).data)
   assert dataset.num_examples("train") == 11 and dataset.num_examples("test") == 6
   with pytest.raises(data.DataError, match="does not exist"):
-    runs.load_data(train_config(dataset=str(tmp_path / "no" / "such" / "dir")))
+    runs.load_data(TrainSettings.resolve(train_config(dataset=str(tmp_path / "no" / "such" / "dir"))).data)
   archive = data_fixtures.pack_tar(tree, tmp_path / "data.tar.gz")
   archive.write_bytes(archive.read_bytes()[:200])
   with pytest.raises(data.DataError, match="truncated"):
-    runs.load_data(train_config(dataset=str(archive)))
+    runs.load_data(TrainSettings.resolve(train_config(dataset=str(archive))).data)
 
 
 # ----------------------------------------------------------------------------- checkpoints of another run, corrupt ones
 
 def test_checkpoint_of_another_configuration_is_refused_untouched(reference, tmp_path):
-  workdir = copy_run(reference, tmp_path / "run")
+  workdir = copy_unfinished(reference, tmp_path / "run")
   before = tree_digest(workdir)
   with pytest.raises(runs.RunError) as info:
     train.run(train_config(lr=0.05), workdir)
@@ -267,8 +297,91 @@ def test_checkpoint_of_another_configuration_is_refused_untouched(reference, tmp
   assert tree_digest(workdir) == before
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, capfd):
+def test_rerun_of_a_finished_run_changes_nothing(reference, tmp_path):
+  """Catches a finished run that evaluates again, rewrites its metrics or replaces its model when rerun."""
   workdir = copy_run(reference, tmp_path / "run")
+  before = tree_digest(workdir)
+  recorded = json.loads((pathlib.Path(workdir) / "result.json").read_text())
+  assert train.run(train_config(log_every_steps=2), workdir) == recorded  # a cadence change is no difference
+  assert tree_digest(workdir) == before
+  with pytest.raises(runs.RunError, match=r"finished under another configuration \(lr: 0.1 -> 0.05\)"):
+    train.run(train_config(lr=0.05), workdir)
+  assert tree_digest(workdir) == before
+  again = train.run(train_config(reevaluate=True), workdir)["reevaluation"]
+  assert again["test_top1"] == recorded["test_top1"] and again["test_top5"] == recorded["test_top5"]
+  after = tree_digest(workdir)
+  assert set(after) - set(before) == {train.REEVALUATION_FILE}
+  assert {k: v for k, v in after.items() if k != train.REEVALUATION_FILE} == before
+
+
+def test_model_directory_is_replaced_atomically(reference, tmp_path, monkeypatch):
+  """Catches a model directory written in place: a kill during the write left shape.json (the completion
+  marker) without params, and a distillation from it failed."""
+  workdir = copy_run(reference, tmp_path / "run")
+  model_dir = os.path.join(workdir, models.MODEL_DIR)
+  shape, model = models.load_model(workdir)
+  params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+  renames = []
+  real_rename = os.rename
+
+  def killed_after_first_rename(src, dst):
+    renames.append((src, dst))
+    if os.fspath(src) == model_dir + ".partial":
+      raise KeyboardInterrupt  # a kill between moving the old model aside and moving the new one in
+    real_rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", killed_after_first_rename)
+  with pytest.raises(KeyboardInterrupt):
+    models.save_model(model_dir, shape, params, stats)
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert (model_dir, model_dir + ".old") in renames and not os.path.exists(os.path.join(model_dir, "shape.json"))
+  loaded, _ = models.load_model(workdir)  # the previous model, complete, from model.old
+  assert loaded == shape
+  models.save_model(model_dir, shape, params, stats)  # the next save cleans up
+  assert not os.path.exists(model_dir + ".old") and not os.path.exists(model_dir + ".partial")
+  assert models.load_model(workdir)[0] == shape
+
+
+def test_flipped_bit_in_the_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, capfd):
+  """Catches silent damage (no read error) going undetected: training resumed from damaged weights."""
+  workdir = copy_unfinished(reference, tmp_path / "run")
+  data = max((p for p in (pathlib.Path(workdir) / "checkpoints" / "12" / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  blob = bytearray(data.read_bytes())
+  blob[len(blob) // 2] ^= 0x04
+  data.write_bytes(bytes(blob))
+  assert train.run(train_config(), workdir)["finished"]
+  err = capfd.readouterr().err
+  assert "warning: checkpoint step 12" in err and "resuming from the previous valid checkpoint, step 10" in err, err
+  assert_same_run(workdir, reference)
+
+
+def test_dataset_of_one_class_is_refused(tmp_path, monkeypatch):
+  """Catches a one-class dataset training to a meaningless top-1 of 1.0."""
+  monkeypatch.setenv("TAS_JAX_CACHE", str(tmp_path / "cache"))
+  tree = tmp_path / "tree"
+  data_fixtures.write_tree(tree, counts={"train": 4, "test": 2}, classes=("cat",))
+  with pytest.raises(runs.RunError, match="has 1 class; a classifier needs at least two"):
+    runs.load_data(TrainSettings.resolve(train_config(dataset=str(tree), num_train_examples=0)).data)
+
+
+def test_teacher_trained_on_other_data_is_refused(reference, tmp_path):
+  """Catches a teacher of another dataset with the same class count being accepted and its accuracy quoted."""
+  teacher = copy_run(reference, tmp_path / "teacher")
+  result = json.loads((pathlib.Path(teacher) / "result.json").read_text())
+  result["data"]["name"] = "another-set"
+  (pathlib.Path(teacher) / "result.json").write_text(json.dumps(result))
+  kd = train_config(mode="kd", shape="resnet8", teacher=teacher, epochs=1)
+  with pytest.raises(runs.RunError, match=r"the teacher .* was trained on other data \(name: 'another-set' there, "
+                                          r"'synthetic.*' here\); set config.allow_foreign_teacher=True"):
+    train.run(kd, str(tmp_path / "kd"))
+  assert not (tmp_path / "kd").exists() or not (tmp_path / "kd" / "checkpoints").exists()
+  kd.allow_foreign_teacher, kd.stop_after_steps = True, 1  # the user says it is meant
+  assert train.run(kd, str(tmp_path / "kd2")) == {"finished": False, "step": 1}
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, capfd):
+  workdir = copy_unfinished(reference, tmp_path / "run")
   assert checkpoint_steps(workdir) == [8, 10, 12]
   damage(pathlib.Path(workdir) / "checkpoints" / "12")
   result = train.run(train_config(), workdir)
@@ -283,7 +396,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
 
 
 def test_no_restorable_checkpoint_is_refused_untouched(reference, tmp_path):
-  workdir = copy_run(reference, tmp_path / "run")
+  workdir = copy_unfinished(reference, tmp_path / "run")
   for step in checkpoint_steps(workdir):
     damage(pathlib.Path(workdir) / "checkpoints" / str(step))
   before = tree_digest(workdir)
@@ -346,6 +459,31 @@ def test_sigterm_saves_says_how_to_resume_and_resumes_exactly(reference, tmp_pat
   assert_same_run(workdir, reference)
 
 
+def test_two_runs_on_one_directory_one_runs_the_other_is_refused(reference, tmp_path):
+  """Catches a missing or ineffective work-directory lock: two processes started on one directory at once.
+
+  Without the lock the second deletes the first's temporary checkpoint
+  directories and both append to one ``metrics.jsonl``; with it, one is
+  refused in one line naming the holder, and the survivor equals an
+  undisturbed run.
+  """
+  workdir = tmp_path / "run"
+  cmd = command("train", f"{TRAIN_CONFIG}:resnet8,smoke", workdir, *TRAIN_ARGS)
+  procs = [start(cmd), start(cmd)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  codes = sorted(p.returncode for p in procs)
+  assert codes == [0, 2], [o[1][-2000:] for o in outs]
+  refused = outs[[p.returncode for p in procs].index(2)][1]
+  lines = error_lines(refused)
+  assert len(lines) == 1 and "is in use by another run (pid " in lines[0], refused[-2000:]
+  assert "Traceback" not in refused
+  assert_same_run(workdir, reference)
+  timings = ("wall_s", "train_s", "compile_s", "train_images_per_s")
+  done, ref = (json.loads((pathlib.Path(d) / "result.json").read_text()) for d in (workdir, reference))
+  assert {k: v for k, v in done.items() if k not in timings} == {k: v for k, v in ref.items() if k not in timings}
+  assert not (workdir / ".lock").read_text()  # released: the holder's record is cleared
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
@@ -388,7 +526,7 @@ def test_huge_learning_rate_diverges_before_any_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- the pieces
 
 def test_keep_records_drops_repeated_epochs_and_cut_lines(tmp_path):
-  run = runs.Run(None, str(tmp_path), None, metrics.MetricWriter(str(tmp_path), tensorboard=False), True)
+  run = runs.Run(str(tmp_path), None, metrics.MetricWriter(str(tmp_path), tensorboard=False), True, seed=0)
   lines = [json.dumps({"epoch": e}) for e in range(4)] + ['{"epoch": 4, "wid']
   (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
   assert runs.keep_records(run, "log.jsonl", lambda r: (r["epoch"] + 1) * 3 <= 7) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 
@@ -189,3 +190,22 @@ def test_request_without_signal_and_reentry():
     assert guard.should_stop() and guard.signal_name == "time limit"
     with pytest.raises(RuntimeError, match="already active"):
       guard.__enter__()
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate", "replace"])
+def test_metrics_file_damaged_during_a_run_is_rebuilt(tmp_path, damage, caplog):
+  """Catches a writer that keeps appending to a deleted file (the history silently lost) or after a cut."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # the records of an earlier session
+  with MetricWriter(tmp_path, tensorboard=False) as writer:
+    writer.write(2, {"loss": 2.0})
+    path = tmp_path / "metrics.jsonl"
+    if damage == "remove":
+      path.unlink()
+    elif damage == "truncate":
+      path.write_text(path.read_text()[:10])
+    else:
+      path.write_text('{"step": 99}\n')
+    with caplog.at_level(logging.WARNING):
+      writer.write(3, {"loss": 3.0})
+  assert "rebuilt from the 2 records" in caplog.text
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]

@@ -20,13 +20,13 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from tas_jax.core import cost, distill, schedules
 from tas_jax.core import shape_files
+from tas_jax.configs import train as train_configs
 
 from tas_jax.nets import supernet
 from tas_jax.steps import train as train_lib
@@ -287,8 +287,9 @@ def test_training_plan_official_option():
   for key, epochs, warmup, steps, base in _lr_settings(fx):
     if warmup != train_lib.effective_warmup(warmup, epochs):
       continue  # short runs shorten the warmup on purpose
-    config = ml_collections.ConfigDict(dict(mode="scratch", epochs=epochs, lr=base, lr_schedule="cosine",
-                                            warmup_epochs=warmup, official_tail=True, lr_per_epoch=True))
+    config = train_configs.get_config("resnet20")
+    config.update(dict(mode="scratch", epochs=epochs, lr=base, lr_schedule="cosine", warmup_epochs=warmup,
+                       official_tail=True, lr_per_epoch=True))
     plan = train_lib.make_plan(config, shape_files.preset("resnet20"))
     assert plan.epochs * steps == len(fx[key]), key
     got = np.asarray(plan.lr_fn(steps)(jnp.arange(len(fx[key]))))

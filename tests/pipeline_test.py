@@ -77,7 +77,7 @@ class FakeStages:
     self.stop = dict(stop or {})
 
   def runner(self, stage):
-    def run(config, workdir, distributed=None):
+    def run(config, workdir, distributed=None, *, command=""):
       self.calls.append(stage)
       if self.stop.get(stage, 0) > 0:
         self.stop[stage] -= 1
@@ -94,7 +94,7 @@ class FakeStages:
       else:
         report_test.write_protocol(root)
       if stage != "protocol":
-        files.write_json(os.path.join(workdir, "config.json"), runs.config_dict(config))
+        files.write_json(os.path.join(workdir, "config.json"), config.record())
       return {"finished": True}
 
     return run

@@ -70,13 +70,13 @@ def test_each_half_changes_only_its_own_state():
   assert same(after_w["arch"], state["arch"]) and same(after_w["a_opt"], state["a_opt"])
   assert not same(after_w["weights"], state["weights"]) and not same(after_w["w_opt"], state["w_opt"])
   assert not same(after_w["stats"], state["stats"])
-  after_a, _ = jitted(problem, "arch_step")(after_w, batch(1), a_keys, 2.0, problem.target_macs)
+  after_a, _ = jitted(problem, "arch_step")(after_w, batch(1), a_keys, 2.0, problem.target_cost)
   assert same(after_a["weights"], after_w["weights"]) and same(after_a["w_opt"], after_w["w_opt"])
   assert not same(after_a["arch"], after_w["arch"]) and not same(after_a["a_opt"], after_w["a_opt"])
   assert not same(after_a["stats"], after_w["stats"])  # official: the arch forward runs in train mode too
   problem2, state2 = fresh(arch_step_updates_bn=False)
   after_w2, _ = jitted(problem2, "weight_step")(state2, batch(0), w_keys, 2.0)
-  after_a2, _ = jitted(problem2, "arch_step")(after_w2, batch(1), a_keys, 2.0, problem2.target_macs)
+  after_a2, _ = jitted(problem2, "arch_step")(after_w2, batch(1), a_keys, 2.0, problem2.target_cost)
   assert same(after_a2["stats"], after_w2["stats"])
 
 
@@ -148,7 +148,7 @@ def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
     f = cost.as_int(cost.discrete_cost(problem.space, *model.argmax(), False))
     assert (f > high) if sign > 0 else (f < low)
     e = float(cost.expected_cost(problem.space, model.width_probs(), model.depth_probs(), False))
-    new, m = arch_step(st, batch(1), a_keys, 2.0, problem.target_macs)
+    new, m = arch_step(st, batch(1), a_keys, 2.0, problem.target_cost)
     np.testing.assert_allclose(float(m["cost_loss"]), sign * weight * math.log(e), rtol=1e-5)
     new_model = nnx.merge(problem.graphdef, new["weights"], new["arch"], new["stats"], copy=True)
     e_new = float(cost.expected_cost(problem.space, new_model.width_probs(), new_model.depth_probs(), False))

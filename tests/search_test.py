@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from tas_jax import data
 from tas_jax.configs import search as search_configs
-from tas_jax.core import cost, shape_files
+from tas_jax.core import cost, shape_files, shapes
 from tas_jax.core import space as space_lib
 from tas_jax.programs import search
 from tas_jax.runtime import checkpoint, models, parallel
@@ -118,11 +118,12 @@ def test_resume_refuses_another_configuration(tmp_path):
 
 
 def test_unreachable_target_is_refused(tmp_path):
-  from tas_jax.runtime import runs
+  from tas_jax.runtime import runs, settings
   with pytest.raises(runs.RunError, match=r"reaches: its MACs ratios span \[0\.\d+, 1\.0\]"):
     search.run(tiny_config(target_flops_ratio=0.01), str(tmp_path))
-  with pytest.raises(runs.RunError, match=r"in \(0, 1\)"):
-    search.run(tiny_config(target_flops_ratio=1.5), str(tmp_path))
+  with pytest.raises(settings.SettingsError, match=r"config.target_flops_ratio must lie in \(0, 1\)"):
+    search.run(tiny_config(target_flops_ratio=1.5), str(tmp_path / "b"))
+  assert not (tmp_path / "b").exists()  # refused at the door: nothing read, nothing written
 
 
 def test_fit_to_band_lands_inside():
@@ -164,3 +165,11 @@ def test_two_processes_complete_and_agree(tmp_path):
   assert json.loads((tmp_path / "mh" / "result.json").read_text())["macs"] == single["macs"]
   np.testing.assert_allclose(np.array(losses(tmp_path / "mh")), np.array(losses(tmp_path / "single")),
                              rtol=2e-4, atol=2e-4)
+
+
+def test_costs_are_counted_at_the_image_size_the_network_is_given():
+  """Catches MACs counted at the preset's 224x224 for a network given 32x32 images (49 times too many)."""
+  base = search_lib.base_shape("imagenet-resnet18", 10, 32)
+  assert base.image_size == 32
+  assert cost.count(base).macs == cost.count(shapes.imagenet_resnet(18, 10, image_size=32)).macs
+  assert cost.count(search_lib.base_shape("imagenet-resnet18", 10)).macs > 40 * cost.count(base).macs

@@ -22,7 +22,8 @@ from tas_jax.programs import train
 from tas_jax.nets import surgery
 from tas_jax.runtime import models
 from tas_jax.steps import train as train_lib
-from tas_jax.runtime import runs
+from tas_jax.runtime import runs, settings
+from tas_jax.runtime.settings import TrainSettings
 from tas_jax.latency import measure as latency
 from tas_jax.nets import resnet
 # differ: a stride-1 projection the unpruned network does not have.
@@ -186,14 +187,20 @@ def test_kd_runs_end_to_end(tmp_path, base_run):
 
 
 def test_bad_configurations_are_refused(tmp_path, base_run):
-  with pytest.raises(runs.RunError, match="mode must be"):
+  with pytest.raises(settings.SettingsError, match="config.mode must be"):
     train.run(tiny_config("prune"), str(tmp_path / "a"))
   with pytest.raises(runs.RunError, match="config.teacher"):
     train.run(tiny_config("kd", shape="resnet8"), str(tmp_path / "b"))
   with pytest.raises(runs.RunError, match="config.shape"):
     train.run(tiny_config("scratch"), str(tmp_path / "c"))
-  with pytest.raises(runs.RunError, match="different layers"):
+  # Labels are facts: a shape of another network than config.model is refused, before anything is written.
+  with pytest.raises(runs.RunError, match=r"config.shape \(resnet14\) is a pruned CIFAR ResNet \(basic blocks, stages "
+                                          r"of 2/2/2\), but config.model resnet8 is the CIFAR ResNet \(basic blocks, "
+                                          r"stages of 1/1/1\)"):
     train.run(tiny_config("finetune", init_from=base_run, shape="resnet14"), str(tmp_path / "d"))
+  with pytest.raises(runs.RunError, match=r"config.model imagenet-resnet18 is the ImageNet ResNet"):
+    train.run(tiny_config("kd", shape="resnet8", teacher=base_run, model="imagenet-resnet18"), str(tmp_path / "d"))
+  assert not (tmp_path / "d").exists()
   with pytest.raises(runs.RunError, match="config.init_from"):
     train.run(tiny_config("finetune"), str(tmp_path / "e"))
 
@@ -272,27 +279,24 @@ def test_rethinking_recipes_follow_the_family():
     train_configs.get_config("resnet56,rethinking-imagenet")
   r.model = "imagenet-resnet18"  # the CIFAR recipe with an ImageNet model swapped in afterwards
   with pytest.raises(runs.RunError, match="use the rethinking-imagenet recipe"):
-    train.check_config(r)
+    train.check_inputs(TrainSettings.resolve(r))
   c.model = "resnet20"
   with pytest.raises(runs.RunError, match="use the rethinking recipe"):
-    train.check_config(c)
+    train.check_inputs(TrainSettings.resolve(c))
   c.model, c.scratch_b_rule = "imagenet-resnet18", "capped"
-  with pytest.raises(runs.RunError, match="scratch_b_rule must be"):
-    train.check_config(c)
+  with pytest.raises(settings.SettingsError, match="config.scratch_b_rule must be"):
+    TrainSettings.resolve(c)
 
 
 def test_color_augmentation_is_on_for_streamed_sets_only():
   """Catches ImageNet training without TAS's colour jitter and lighting (or CIFAR training with them), and a train
   step that ignores the switch."""
-  c = train_configs.get_config("imagenet-resnet18")
+  c = TrainSettings.resolve(train_configs.get_config("imagenet-resnet18"))
   assert c.color_augment == "auto" and train_lib.color_augment(c, True) and not train_lib.color_augment(c, False)
-  c.color_augment = "off"
-  assert not train_lib.color_augment(c, True)
-  c.color_augment = "on"
-  assert train_lib.color_augment(c, False)
-  c.color_augment = "yes"
-  with pytest.raises(runs.RunError, match="color_augment must be"):
-    train_lib.color_augment(c, True)
+  assert not train_lib.color_augment(c.replace(color_augment="off"), True)
+  assert train_lib.color_augment(c.replace(color_augment="on"), False)
+  with pytest.raises(settings.SettingsError, match="config.color_augment must be"):
+    c.replace(color_augment="yes")
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
   key, mean, std = jax.random.key(1), data.IMAGENET_MEAN, data.IMAGENET_STD
   problem = train_lib.Problem(None, None, None, None, mean, std, True, 0, color=True)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from tas_jax.configs import search as search_configs  # noqa: E402
 from tas_jax.configs import train as train_configs  # noqa: E402
 from tas_jax import baselines, data  # noqa: E402
-from tas_jax.programs import search
+from tas_jax.core import cost as cost_lib
 from tas_jax.steps import search as search_lib
 from tas_jax.steps import train as train_lib
 from tas_jax.runtime import parallel
@@ -90,7 +90,7 @@ def bench_search(model: str, batch_size: int, steps: int, mesh, dtype: str) -> d
 def bench_train(model: str, batch_size: int, steps: int, mesh, dtype: str, shape=None, teacher_shape=None) -> dict:
   cfg = train_configs.get_config(f"{model},official")
   cfg.batch_size, cfg.dtype = batch_size, dtype
-  cfg.mode = "base" if teacher_shape is None else "kd"
+  cfg.mode = "base"  # the teacher is passed in; no run directory is read
   shape = shape or shape_files.preset(model)
   plan = train_lib.make_plan(cfg, shape)
   cdt = train_lib.compute_dtype(cfg)
@@ -141,7 +141,8 @@ def data_wait(bench: dict, batch_size: int, steps: int, mesh) -> float:
   return statistics.median(waits)
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.benchmark``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="resnet20")
   parser.add_argument("--batch_size", type=int, default=64)
@@ -149,6 +150,11 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--skip_kd", action="store_true", help="leave out the distillation step")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
   try:
     base = shape_files.preset(args.model)
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
     half = baselines.uniform(base, 0.5)
     k = bench_train(args.model, args.batch_size, args.steps, mesh, args.dtype, shape=half, teacher_shape=base)
     row.update({"kd_step_s": k["step_s"], "kd_compile_s": k["compile_s"], "kd_images_per_s": args.batch_size / k["step_s"],
-                "kd_shape_macs_ratio": search.cost_lib.count(half).macs / search.cost_lib.count(base).macs})
+                "kd_shape_macs_ratio": cost_lib.count(half).macs / cost_lib.count(base).macs})
   row["peak_memory_mib"] = _peak_memory()
   if args.json:
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}))

@@ -11,10 +11,14 @@ docs/RELIABILITY.md.
 from __future__ import annotations
 
 import ast
+import errno
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -25,7 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from tas_jax import data  # noqa: E402
 from tas_jax.core import shapes  # noqa: E402
-from tas_jax.runtime import checkpoint, runs  # noqa: E402
+from tas_jax.runtime import checkpoint, lock, runs, settings  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configuration file[:argument]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (rerun the same command to resume)")
@@ -87,8 +91,13 @@ def distributed() -> dict:
           "process_id": _PROCESS_ID.value}
 
 
+def command() -> str:
+  """The command that started this program, quoted: what a stopped run tells the user to rerun."""
+  return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+
+
 def _errors():
-  return (runs.RunError, shapes.ShapeError, data.DataError, checkpoint.CheckpointError)
+  return (runs.RunError, lock.Held, settings.SettingsError, shapes.ShapeError, data.DataError, checkpoint.CheckpointError)
 
 
 def one_line(error: BaseException) -> str:
@@ -163,6 +172,39 @@ def _quiet_abandoned_reads(default):
   return hook
 
 
+def _out_of_space(error: BaseException | None) -> bool:
+  """Whether a failure comes from a full disk (or quota): an OSError, or TensorStore's RESOURCE_EXHAUSTED on a write."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(error)
+    if "No space left on device" in text or ("RESOURCE_EXHAUSTED" in text and "writing" in text.lower()):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _disk_full(workdir: str) -> str:
+  """The line for a write that failed on a full disk: where, how much is free, what is kept, what to do."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+  kept = f"the last complete checkpoint, step {steps[-1]}, is kept" if steps else "no checkpoint had been written yet"
+  return (f"no space left on the device of {workdir} ({free / 2**20:.1f} MiB free): the write in progress was "
+          f"abandoned and {kept}. Free some space. {runs.resume_hint(command())}")
+
+
+class _BackgroundWriteErrors(logging.Filter):
+  """Drops Orbax's error reports from its writer threads: the failure reaches the main thread, which reports it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname
+                and record.threadName != threading.main_thread().name)
+
+
 def launch(main):
   """Parse --config/--workdir, run ``main(config, workdir)``; known failures become one line and exit 2."""
 
@@ -180,17 +222,17 @@ def launch(main):
       _fail(f"cannot load --config: {one_line(e)}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     logging.getLogger("tas_jax").setLevel(logging.INFO)
-    runs.set_command(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.unraisablehook = _quiet_abandoned_reads(sys.unraisablehook)
-    handler = _stop_outside_loop(runs.how_to_resume())
+    handler = _stop_outside_loop(runs.resume_hint(command()))
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    logging.getLogger("absl").addFilter(_BackgroundWriteErrors())
     try:
       main(config, _WORKDIR.value)
     except _errors() as e:
-      _fail(one_line(e))
+      _fail(_disk_full(_WORKDIR.value) if _out_of_space(e) else one_line(e))
     except KeyboardInterrupt:
       _fail("interrupted by a second Ctrl-C before the checkpoint was written: the steps since the last checkpoint "
-            f"are lost. {runs.how_to_resume()}", INTERRUPTED)
+            f"are lost. {runs.resume_hint(command())}", INTERRUPTED)
     finally:
       for sig, old in previous.items():
         signal.signal(sig, old)
@@ -202,6 +244,8 @@ def launch(main):
       sys.exit(0)
     raise
   except Exception as e:  # pylint: disable=broad-except  # an unexpected failure: still one line
+    if _out_of_space(e) and _WORKDIR.value:
+      _fail(_disk_full(_WORKDIR.value))
     _fail(f"{type(e).__name__}: {one_line(e)}")
 
 

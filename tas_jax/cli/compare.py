@@ -22,6 +22,7 @@ import os
 import sys
 
 from tas_jax.report import tables as protocol
+from tas_jax.runtime import files
 
 MARKERS = {"kd": "o", "scratch-e": "s", "scratch-b": "D", "finetune": "^", "base": "*", "sparsity": "v"}
 
@@ -62,14 +63,25 @@ def plot(rows, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.compare``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dirs", nargs="+", metavar="DIR")
   parser.add_argument("--out", default=None, help="write the markdown table here")
   parser.add_argument("--png", default=None, help="plot accuracy against MACs here")
   parser.add_argument("--json", default=None, help="write the rows as JSON here")
   parser.add_argument("--title", default="", help="plot title")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
+  for flag in ("out", "png", "json"):
+    problem = getattr(args, flag) and files.output_problem(getattr(args, flag))
+    if problem:
+      print(f"error: --{flag}: {problem}", file=sys.stderr)
+      return 2
   missing = [d for d in args.dirs if not os.path.isdir(d)]
   if missing:
     print(f"error: no such directory: {missing[0]}", file=sys.stderr)
@@ -85,11 +97,9 @@ def main(argv=None) -> int:
   table = protocol.markdown(rows)
   print(table, end="")
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(table)
+    files.write_text(args.out, table)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump([r.to_dict() for r in rows], f, indent=1)
+    files.write_text(args.json, json.dumps([r.to_dict() for r in rows], indent=1))
   if args.png:
     plot(rows, args.png, args.title)
   return 0

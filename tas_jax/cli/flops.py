@@ -37,12 +37,18 @@ def table(records) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.flops``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("shapes", nargs="*", metavar="SHAPE")
   parser.add_argument("--json", action="store_true", help="one JSON object per line")
   parser.add_argument("--presets", action="store_true", help="every named preset")
   parser.add_argument("--num_classes", type=int, default=None)
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
   specs = list(args.shapes) + (shape_files.preset_names() if args.presets else [])
   if not specs:

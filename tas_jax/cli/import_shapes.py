@@ -29,10 +29,16 @@ def preset_name(filename: str) -> str:
   raise shapes.ShapeError(f"cannot name a preset for {filename}")
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.import_shapes``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("source", help="a folder of official .config files")
   parser.add_argument("--out", required=True, help="folder to write <preset>.json into")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
   try:
     if not os.path.isdir(args.source):

@@ -34,7 +34,8 @@ def _batch_sizes(text: str) -> list[int]:
   return sizes
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.latency``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("shapes", nargs="+", metavar="SHAPE")
   parser.add_argument("--batch_sizes", type=_batch_sizes, default=[1, 256], help="comma-separated, default 1,256")
@@ -44,6 +45,11 @@ def main(argv=None) -> int:
   parser.add_argument("--num_classes", type=int, default=None)
   parser.add_argument("--no_speedup", action="store_true", help="do not time the unpruned networks")
   parser.add_argument("--json", action="store_true", help="one JSON object per line")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
   if args.runs < 1 or args.warmup < 0:
     parser.error("--runs must be at least 1 and --warmup at least 0")

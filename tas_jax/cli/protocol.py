@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tas_jax import baselines, data  # noqa: E402
 from tas_jax.programs import protocol
 from tas_jax.report import tables
-from tas_jax.runtime import checkpoint, runs
+from tas_jax.runtime import checkpoint, lock, runs
 from tas_jax.core import shapes
 
 
@@ -55,7 +55,8 @@ def _sizes(text: str) -> list[int]:
   return sizes
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.protocol``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", required=True, help="preset, shape JSON or official .config")
   parser.add_argument("--teacher", required=True, help="a finished base run of the unpruned network")
@@ -72,6 +73,11 @@ def main(argv=None) -> int:
   parser.add_argument("--latency_batch_sizes", type=_sizes, default=[1, 256],
                       help="comma-separated batch sizes to time (default 1,256; empty: no latency)")
   parser.add_argument("--latency_runs", type=int, default=10, help="timed runs per batch size (median reported)")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   try:
     args = parser.parse_args(protocol.config_flags_to_set(argv if argv is not None else sys.argv[1:]))
   except protocol.ProtocolError as e:
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     summary = protocol.run(args.shape, args.teacher, args.seeds, args.workdir, recipe=args.recipe,
                            inherit=args.inherit, overrides=args.set, variants=variants, label=args.label,
                            latency_batch_sizes=args.latency_batch_sizes, latency_runs=args.latency_runs)
-  except (protocol.ProtocolError, baselines.PruneError, shapes.ShapeError, runs.RunError, data.DataError,
+  except (protocol.ProtocolError, baselines.PruneError, shapes.ShapeError, runs.RunError, lock.Held, data.DataError,
           checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

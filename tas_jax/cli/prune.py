@@ -48,7 +48,7 @@ from tas_jax import baselines, data  # noqa: E402
 from tas_jax.configs import train as train_configs
 from tas_jax.programs import protocol, train
 from tas_jax.runtime import models
-from tas_jax.runtime import checkpoint, runs
+from tas_jax.runtime import checkpoint, files, runs
 from tas_jax.core import cost, shapes
 from tas_jax.core import shape_files
 
@@ -104,7 +104,8 @@ def train_config(shape: shapes.Shape, recipe: str, overrides):
   return config
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.prune``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--method", required=True, help=f"one of {', '.join(baselines.METHODS)}")
   parser.add_argument("--base", required=True, help="a shape (preset, JSON, .config) or a finished run directory")
@@ -142,12 +143,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  parser = _parser()
+  parser = make_parser()
   args = parser.parse_args(protocol.config_flags_to_set(argv if argv is not None else sys.argv[1:]))
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("tas_jax").setLevel(logging.INFO)
   try:
     _check_flags(args)
+    problem = files.output_problem(args.out)
+    if problem:
+      raise baselines.PruneError(f"--out: {problem}")
     info = {"method": args.method, "base": args.base}
     if args.target_flops_ratio is not None:
       info.update(target_flops_ratio=args.target_flops_ratio, tolerance=args.tolerance)

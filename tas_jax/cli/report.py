@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Sequence
@@ -12,18 +13,19 @@ from typing import Sequence
 from tas_jax import report
 
 
+def make_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m tas_jax.cli.report``."""
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("workdir", metavar="PIPELINE_DIR", help="a pipeline's work directory")
+  return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] in ("-h", "--help"):
-    print(__doc__)
-    return 0
-  if len(argv) != 1 or argv[0].startswith("-"):
-    print("usage: python -m tas_jax.cli.report PIPELINE_DIR", file=sys.stderr)
+  args = make_parser().parse_args(argv)
+  if not os.path.isdir(args.workdir):
+    print(f"error: {args.workdir} is not a directory", file=sys.stderr)
     return 2
-  if not os.path.isdir(argv[0]):
-    print(f"error: {argv[0]} is not a directory", file=sys.stderr)
-    return 2
-  print(report.write_report(argv[0]))
+  print(report.write_report(args.workdir))
   return 0
 
 

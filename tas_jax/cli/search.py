@@ -15,7 +15,7 @@ from tas_jax.programs import search
 
 
 def main(config, workdir):
-  result = search.run(config, workdir, common.distributed())
+  result = search.run(config, workdir, common.distributed(), command=common.command())
   if not result.get("finished"):
     return
   for r in result.get("targets", []):

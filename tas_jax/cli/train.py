@@ -19,7 +19,7 @@ from tas_jax.programs import train
 
 
 def main(config, workdir):
-  result = train.run(config, workdir, common.distributed())
+  result = train.run(config, workdir, common.distributed(), command=common.command())
   if not result["finished"]:
     print(f"stopped at step {result['step']}; rerun the same command to resume")
     return

@@ -124,6 +124,8 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_devices = 0  # 0 = every device of every process
   c.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps (to fit a time slot)
+  c.allow_foreign_teacher = False  # True: accept a teacher or init_from run whose data differs from this run's
+  c.reevaluate = False  # True on a finished run: evaluate its final state again into reevaluation.json
   if recipe == "rethinking":
     c.epochs, c.warmup_epochs, c.batch_size = 160, 0, 64
     c.lr_schedule, c.milestones = "multistep", (80, 120)

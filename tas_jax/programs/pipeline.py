@@ -33,7 +33,8 @@ from tas_jax import report as report_lib
 
 from tas_jax.runtime import runs
 from tas_jax.runtime import files
-from tas_jax.runtime import parallel
+from tas_jax.runtime import parallel, settings
+from tas_jax.runtime.settings import SearchSettings, TrainSettings
 from tas_jax.runtime import stages as pipeline_dir
 from tas_jax.configs import train as train_configs
 from tas_jax.programs import protocol, search, train
@@ -73,6 +74,12 @@ def stage_config(config, workdir: str, stage: str) -> ml_collections.ConfigDict:
     c.shape = os.path.join(pipeline_dir.stage_dir(workdir, "search"), "shape.json")
     c.teacher = pipeline_dir.stage_dir(workdir, "base")
   return c
+
+
+def stage_settings(config, workdir: str, stage: str) -> SearchSettings | TrainSettings:
+  """The typed, checked settings of the search or a training stage (:func:`stage_config` resolved)."""
+  cls = SearchSettings if stage == "search" else TrainSettings
+  return cls.resolve(stage_config(config, workdir, stage))
 
 
 def _override_text(value) -> str:
@@ -116,9 +123,9 @@ def protocol_config(config, workdir: str) -> ml_collections.ConfigDict:
 
 def effective_config(config, workdir: str) -> dict:
   """The pipeline config as run: its own keys, and every stage's config after :func:`stage_config`."""
-  out = {k: v for k, v in runs.config_dict(config).items() if k not in CONFIG_KEYS.values()}
+  out = {k: v for k, v in settings.as_dict(config).items() if k not in CONFIG_KEYS.values()}
   for stage in pipeline_dir.enabled_stages(config):
-    out[CONFIG_KEYS[stage]] = runs.config_dict(stage_config(config, workdir, stage))
+    out[CONFIG_KEYS[stage]] = settings.as_dict(stage_config(config, workdir, stage))
   return out
 
 
@@ -132,7 +139,8 @@ def _fingerprint_keys(stage: str) -> tuple[str, ...]:
 
 
 def config_changes(workdir: str, stage: str, config) -> dict[str, tuple[Any, Any]]:
-  """Trajectory-changing keys whose recorded value differs from ``config``'s.
+  """Trajectory-changing keys whose recorded value differs from ``config``'s (a stage's settings; the protocol's
+  arguments).
 
   The engines' stages record their configuration in ``config.json``; the
   protocol its recipe in ``protocol.json`` (its runs' own ``config.json``
@@ -156,7 +164,7 @@ def config_changes(workdir: str, stage: str, config) -> dict[str, tuple[Any, Any
   recorded = pipeline_dir.read_json(os.path.join(d, "config.json"))
   if recorded is None:
     return changes
-  now = runs.config_dict(config)
+  now = config.record()
   changes.update({k: (recorded.get(k), now.get(k)) for k in _fingerprint_keys(stage)
                   if k in now and recorded.get(k) != now.get(k)})
   return changes
@@ -172,7 +180,7 @@ def _shape_text(d: Mapping[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- runners
 
-def run_protocol(config, workdir: str, distributed=None) -> dict:
+def run_protocol(config, workdir: str, distributed=None, command: str = "") -> dict:
   """The protocol stage: :func:`tas_jax.programs.protocol.run` with the arguments of :func:`protocol_config`."""
   try:
     return protocol.run(config.shape, config.teacher, int(config.seeds), workdir, recipe=config.recipe,
@@ -238,10 +246,27 @@ def run(config, workdir: str, distributed: Mapping[str, Any] | None = None, *, c
     the pipeline must be rerun to go on.
 
   Raises:
-    RunError: a complete stage recorded under another configuration.
+    RunError: a complete stage recorded under another configuration, or
+      another live run holds ``workdir`` (its lock is held for the whole
+      pipeline; each stage locks its own directory too).
+    SettingsError: a stage's configuration value outside its rule (checked
+      for every stage before the first starts).
   """
   workdir = os.path.normpath(workdir)
+  # Every stage's settings are checked before the first one starts: a bad search key is not found hours later.
+  for name in pipeline_dir.enabled_stages(config):
+    if name != "protocol":
+      stage_settings(config, workdir, name)
   parallel.initialize_distributed(**{k: v for k, v in (distributed or {}).items() if v is not None})
+  held = runs.claim(workdir)
+  try:
+    return _run_stages(config, workdir, distributed, command, stage_commands, report, on_stage)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _run_stages(config, workdir: str, distributed, command: str, stage_commands, report, on_stage) -> dict:
   is_main = parallel.is_main_process()
   os.makedirs(workdir, exist_ok=True)
   state = _State(workdir, is_main)
@@ -254,7 +279,7 @@ def run(config, workdir: str, distributed: Mapping[str, Any] | None = None, *, c
   notify = on_stage or (lambda stage, status: None)
   statuses, results = {}, {}
   for name in pipeline_dir.enabled_stages(config):
-    statuses[name] = _run_stage(config, workdir, name, state, results, distributed, notify)
+    statuses[name] = _run_stage(config, workdir, name, state, results, distributed, notify, command)
     if statuses[name] == "stopped":
       state.data["finished"] = False
       state.save()
@@ -267,9 +292,10 @@ def run(config, workdir: str, distributed: Mapping[str, Any] | None = None, *, c
   return {"finished": True, "stages": statuses, "report": path, "results": results}
 
 
-def _run_stage(config, workdir: str, name: str, state: _State, results: dict, distributed, notify) -> str:
+def _run_stage(config, workdir: str, name: str, state: _State, results: dict, distributed, notify,
+               command: str) -> str:
   """One stage: ``skipped`` when already complete (under the same configuration), else ``done`` or ``stopped``."""
-  c = stage_config(config, workdir, name)
+  c = stage_config(config, workdir, name) if name == "protocol" else stage_settings(config, workdir, name)
   d = pipeline_dir.stage_dir(workdir, name)
   rec = state.stage(name)
   if pipeline_dir.is_complete(workdir, name, c):
@@ -288,7 +314,7 @@ def _run_stage(config, workdir: str, name: str, state: _State, results: dict, di
   t0 = time.time()
   finished = False
   try:
-    result = _runner(name)(c, d, distributed)
+    result = _runner(name)(c, d, distributed, command=command)
     results[name] = result
     finished = _finished(name, result) and pipeline_dir.is_complete(workdir, name, c)
   finally:

@@ -41,13 +41,14 @@ from tas_jax import baselines
 from tas_jax.configs import train as train_configs
 from tas_jax.latency import measure as latency
 from tas_jax.core import cost as cost_lib
-from tas_jax.runtime import files
+from tas_jax.runtime import files, lock
 from tas_jax.report.tables import (JSON_FILE, MODE_BUDGET, VARIANTS, ProtocolError, aggregate, label_for,
                                    protocol_markdown)
 from tas_jax.core import shapes
 from tas_jax.core import shape_files
 from tas_jax.programs import train
 from tas_jax.runtime import models
+from tas_jax.runtime.settings import SettingsError, TrainSettings
 
 log = logging.getLogger("tas_jax")
 
@@ -196,27 +197,33 @@ def run(shape_spec: str, teacher: str, seeds: int, workdir: str, *, recipe: str 
   label = label or label_for(shape_spec, shape=shape)
   family = family_preset(shape)
   shape_path = os.path.join(workdir, SHAPE_FILE)
-  for v in variants:  # fail on a bad recipe or override before writing anything
-    variant_config(v, 0, shape_path=shape_path, recipe=recipe, family=family, teacher=teacher, init_from=init_from,
-                   overrides=overrides)
-  _store_shape(shape_spec, workdir, label)
-  for v in variants:
-    for seed in range(seeds):
+  # Every run's settings resolved and checked (a bad recipe, key or value) before anything is written.
+  planned = {(v, seed): _settings(variant_config(v, seed, shape_path=shape_path, recipe=recipe, family=family,
+                                              teacher=teacher, init_from=init_from, overrides=overrides))
+          for v in variants for seed in range(seeds)}
+  with lock.locked(workdir):
+    _store_shape(shape_spec, workdir, label)
+    for (v, seed), cfg in planned.items():
       run_dir = os.path.join(workdir, v, f"seed{seed}")
       if os.path.isfile(os.path.join(run_dir, "result.json")):
         log.info("%s seed %d: finished already", v, seed)
         continue
       log.info("%s seed %d: training in %s", v, seed, run_dir)
-      config = variant_config(v, seed, shape_path=shape_path, recipe=recipe, family=family, teacher=teacher,
-                              init_from=init_from, overrides=overrides)
-      train_fn(config, run_dir)
-  lat = _latency(shape, latency_batch_sizes, latency_runs) if latency_batch_sizes else {}
-  teacher_lat = _teacher_latency(teacher, shape, latency_batch_sizes, latency_runs)
-  summary = summarize(workdir, variants, seeds, label=label, shape_spec=shape_spec, recipe=recipe, teacher=teacher,
-                      inherit=init_from, latency=lat, teacher_latency=teacher_lat)
-  write_reports(workdir, summary)
+      train_fn(cfg, run_dir)
+    lat = _latency(shape, latency_batch_sizes, latency_runs) if latency_batch_sizes else {}
+    teacher_lat = _teacher_latency(teacher, shape, latency_batch_sizes, latency_runs)
+    summary = summarize(workdir, variants, seeds, label=label, shape_spec=shape_spec, recipe=recipe, teacher=teacher,
+                        inherit=init_from, latency=lat, teacher_latency=teacher_lat)
+    write_reports(workdir, summary)
   return summary
 
+
+
+def _settings(config) -> TrainSettings:
+  try:
+    return TrainSettings.resolve(config)
+  except SettingsError as e:
+    raise ProtocolError(str(e)) from None
 
 
 def _checked_variants(seeds: int, variants: Sequence[str] | None, inherit: str | None, teacher: str) -> list[str]:

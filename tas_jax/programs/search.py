@@ -31,19 +31,20 @@ from tas_jax.nets import supernet
 from tas_jax.runtime import evaluate as evaluate_lib
 from tas_jax.runtime import files, models, runs
 from tas_jax.runtime import loop as loop_lib
+from tas_jax.runtime import settings
+from tas_jax.runtime.settings import SearchSettings
 from tas_jax.steps import search as search_lib
 from tas_jax.core import derive
 
 log = logging.getLogger("tas_jax")
 
 
-def _latency_tables(config, run_, num_classes):
+def _latency_tables(cfg: SearchSettings, run_, space):
   """Measured latency tables for ``cost=latency`` (process 0 measures; every process uses its numbers)."""
-  space = supernet.make_space(search_lib.base_shape(config, num_classes), search_lib.supernet_config(config))
   path = run_.path("latency_tables.json")
   if os.path.exists(path):  # a resumed search keeps the costs it started with
     return latency_table.load_tables(path)
-  tables = latency_table.build_tables(space, int(config.get("latency_batch", 1)))
+  tables = latency_table.build_tables(space, cfg.latency_batch)
   if jax.process_count() > 1:  # timings differ per host; all must optimise the same costs
     flat, tree = jax.tree.flatten((tables.stem, tables.convs, tables.shortcut, tables.projection, tables.head,
                                    tables.offset, tables.scale))
@@ -60,12 +61,11 @@ def _latency_tables(config, run_, num_classes):
 class _Search:
   """What one search sets up before its first step."""
 
-  config: Any
+  cfg: SearchSettings
   run: runs.Run
   dataset: Any
   problem: search_lib.Problem
   targets: list
-  tables: Any
   train_half: np.ndarray
   valid_half: np.ndarray
   t_batches: Any
@@ -85,55 +85,41 @@ class _Search:
 
   @property
   def total(self) -> int:
-    return self.spe * int(self.config.epochs)
+    return self.spe * self.cfg.epochs
 
   def of_target(self, state, i: int):
     """The state of the i-th target (the whole state with a single target)."""
     return jax.tree.map(lambda x: x[i], state) if self.multi else state
 
   def suffix(self, i: int) -> str:
-    return f"_{search_lib.target_tag(self.targets[i])}" if self.multi else ""
+    return f"_{settings.target_tag(self.targets[i])}" if self.multi else ""
 
 
-def _check(config) -> str:
-  """Refuse what cannot run before any data is read; the cost kind."""
-  search_lib.base_shape(config, None)  # an unknown model
-  cost_kind = config.get("cost", "macs")
-  if cost_kind not in search_lib.COSTS:
-    raise runs.RunError(f"cost must be one of {search_lib.COSTS}, got {cost_kind!r}")
-  sampling_kind = config.get("valid_sampling", "replacement")
-  if sampling_kind not in search_lib.VALID_SAMPLING:
-    raise runs.RunError(f"valid_sampling must be one of {search_lib.VALID_SAMPLING}, got {sampling_kind!r}")
-  return cost_kind
-
-
-def _set_up(config, workdir: str, distributed, cost_kind: str):
-  """Run directory, data halves, the problem and the state to start from (restored when resuming)."""
-  run_ = runs.start(config, workdir, distributed)
-  targets = search_lib.target_ratios(config)
-  dataset = runs.load_data(config)
-  bs = int(config.batch_size)
+def _set_up(cfg: SearchSettings, run_: runs.Run):
+  """Data halves, the problem and the state to start from (restored when resuming)."""
+  dataset = runs.load_data(cfg.data)
+  bs = cfg.batch_size
   runs.check_batch_size(bs)
-  train_half, valid_half = data_lib.search_split(dataset.labels("train"), int(config.get("split_seed", config.seed)))
+  train_half, valid_half = data_lib.search_split(dataset.labels("train"), cfg.split_seed)
   if len(train_half) < bs or len(valid_half) < bs:
     raise runs.RunError(f"batch_size {bs} exceeds a half of the training set ({len(train_half)} examples)")
-  t_batches = data_lib.Batches(len(train_half), bs, seed=int(config.seed))
-  v_batches = data_lib.Batches(len(valid_half), bs, seed=int(config.seed) + 1,
-                               replacement=config.get("valid_sampling", "replacement") == "replacement")
-  tables = _latency_tables(config, run_, dataset.num_classes) if cost_kind == "latency" else None
-  problem, state = search_lib.build(config, dataset.num_classes, t_batches.steps_per_epoch, dataset.mean,
-                                    dataset.std, bool(dataset.streaming), tables)
-  if cost_kind == "latency" and float(config.get("target_latency_ms", 0) or 0) > 0:
-    targets = [float(config.target_latency_ms) / 1e3 / problem.max_cost]
-    search_lib.check_target(problem.space, targets[0], True, tables)
+  t_batches = data_lib.Batches(len(train_half), bs, seed=cfg.seed)
+  v_batches = data_lib.Batches(len(valid_half), bs, seed=cfg.seed + 1, replacement=cfg.valid_sampling == "replacement")
+  targets, tables = cfg.target_ratios(), None
+  if cfg.cost == "latency":
+    space = supernet.make_space(search_lib.base_shape(cfg.model, dataset.num_classes, dataset.image_size),
+                                search_lib.supernet_config(cfg))
+    tables = _latency_tables(cfg, run_, space)
+    if cfg.target_latency_ms > 0:
+      targets = [cfg.target_latency_ms / 1e3 / search_lib.CostModel(space, cfg.exact_cost, tables).unpruned()]
+  problem, state = search_lib.build(cfg, dataset.num_classes, t_batches.steps_per_epoch, dataset.mean, dataset.std,
+                                    bool(dataset.streaming), tables, targets, dataset.image_size)
   if len(targets) > 1:
     state = jax.tree.map(lambda x: jnp.stack([x] * len(targets)), state)
   state = runs.replicate(run_, state)
-  fp = runs.fingerprint(config, search_lib.FINGERPRINT_KEYS + ("cost", "targets", "latency_batch", "target_latency_ms"))
-  ckpt = runs.open_checkpoints(run_, fp)
+  ckpt = runs.open_checkpoints(run_, cfg.fingerprint(search_lib.FINGERPRINT_KEYS))
   state, meta, start = runs.restore(run_, ckpt, state)
-  s = _Search(config, run_, dataset, problem, targets, tables, train_half, valid_half, t_batches, v_batches, ckpt,
-              start, meta)
+  s = _Search(cfg, run_, dataset, problem, targets, train_half, valid_half, t_batches, v_batches, ckpt, start, meta)
   # Epochs the run is about to repeat would otherwise be logged twice.
   for name in ("arch_probs.jsonl", "genotypes.jsonl"):
     runs.keep_records(run_, name, lambda r: (int(r.get("epoch", -1)) + 1) * s.spe <= start)
@@ -147,8 +133,8 @@ def _set_up(config, workdir: str, distributed, cost_kind: str):
 
 def _search(s: _Search, state):
   """The step loop; the final state, or None when ``stop_after_steps`` stopped it (with the step reached)."""
-  config, run_, problem, bs = s.config, s.run, s.problem, int(s.config.batch_size)
-  eval_idx = s.valid_half[: int(config.get("eval_examples") or len(s.valid_half))]
+  cfg, run_, problem, bs = s.cfg, s.run, s.problem, s.cfg.batch_size
+  eval_idx = s.valid_half[: cfg.eval_examples or len(s.valid_half)]
   eval_fn = evaluate_lib.Evaluator(run_, s.dataset, "train", eval_idx, bs, search_lib.hard_logits_fn(problem))
   search_eval_fn = evaluate_lib.Evaluator(run_, s.dataset, "train", eval_idx, bs,
                                           search_lib.stochastic_logits_fn(problem), with_index=True)
@@ -164,12 +150,12 @@ def _search(s: _Search, state):
     epoch = step // s.spe
     if epoch not in taus:
       taus.clear()
-      taus[epoch] = jnp.float32(search_lib.tau_at(config, epoch))
+      taus[epoch] = jnp.float32(search_lib.tau_at(cfg, epoch))
     tb, vb = next(prefetch)
     return s.step_fn(state, tb, vb, taus[epoch])
 
   def on_epoch(state, epoch, averaged):
-    tau = search_lib.tau_at(config, epoch)
+    tau = search_lib.tau_at(cfg, epoch)
     out = {"tau": tau}
     for i in range(len(s.targets)):
       out.update(_epoch_record(s, s.of_target(state, i), i, epoch, tau, eval_fn, search_eval_fn))
@@ -178,7 +164,7 @@ def _search(s: _Search, state):
   def save(state, step, carry):
     s.ckpt.save(step, state, meta=runs.checkpoint_meta({"epoch": step // s.spe, "step": step}, carry), force=True)
 
-  loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=s.total, steps_per_epoch=s.spe, save=save,
+  loop = loop_lib.make_loop(run_, programs.cadence(cfg), total_steps=s.total, steps_per_epoch=s.spe, save=save,
                             on_epoch=on_epoch, resumed=runs.resumed_carry(s.meta))
   state = loop_lib.drive(run_, loop, state, s.start, one_step, prefetch, s.ckpt)
   return state, min(s.total, s.start + loop.stop_after)
@@ -191,7 +177,7 @@ def _epoch_record(s: _Search, st, i: int, epoch: int, tau: float, eval_fn, searc
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(problem.seed), search_lib.VALIDATION_STREAM), epoch)
   val_acc, _ = search_eval_fn((st, key, jnp.float32(tau)))
   argmax_acc, _ = eval_fn(st)
-  ratio = float(search_lib.model_costs(problem, search_lib.model_of(problem, st))[1]) / problem.max_cost
+  ratio = float(problem.costs.of_model(search_lib.model_of(problem, st))[1]) / problem.max_cost
   if run_.is_main:
     shape_files.save(shape, run_.path("shapes", f"epoch_{epoch:03d}{suffix}.json"))
     target = {"target": s.targets[i]} if s.multi else {}
@@ -201,29 +187,29 @@ def _epoch_record(s: _Search, st, i: int, epoch: int, tau: float, eval_fn, searc
       f.write(json.dumps({"epoch": epoch, **target, "val_acc": val_acc, "flops_ratio": ratio,
                           "shape": f"shapes/epoch_{epoch:03d}{suffix}.json"}) + "\n")
   return {f"val_acc{suffix}": val_acc, f"val_acc_argmax{suffix}": argmax_acc,
-          f"flops_ratio_exact{suffix}": search_lib.cost_of(problem, shape) / problem.max_cost,
+          f"flops_ratio_exact{suffix}": problem.costs.of(shape) / problem.max_cost,
           f"macs{suffix}": cost_lib.count(shape).macs}
 
 
-def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
+def _target_result(s: _Search, st, i: int) -> dict:
   """One target's outcome: the argmax shape fitted into its band, its costs, and the files written for it."""
-  config, problem, run_, ratio = s.config, s.problem, s.run, s.targets[i]
+  cfg, problem, run_, ratio = s.cfg, s.problem, s.run, s.targets[i]
   argmax = search_lib.argmax_shape(problem, st)
   band = cost_lib.cost_band(ratio * problem.max_cost, problem.max_cost, problem.band, problem.tolerance)
   shape, moves = argmax, 0
-  if config.get("fit_to_band", True):
+  if cfg.fit_to_band:
     model = nnx.merge(problem.graphdef, st["weights"], st["arch"], st["stats"], copy=True)
     shape, moves = derive.fit_to_band(problem.space, np.asarray(model.width_probs()),
                                           np.asarray(model.depth_probs()), argmax, band,
-                                          cost_fn=lambda sh: search_lib.cost_of(problem, sh))
+                                          cost_fn=problem.costs.of)
   c, full = cost_lib.count(shape), cost_lib.count(problem.space.base).macs
-  value = search_lib.cost_of(problem, shape)
-  r = {"target": ratio, "cost": cost_kind, "macs": c.macs, "params": c.params, "flops_ratio": c.macs / full,
+  value = problem.costs.of(shape)
+  r = {"target": ratio, "cost": problem.costs.kind, "macs": c.macs, "params": c.params, "flops_ratio": c.macs / full,
        "cost_ratio": value / problem.max_cost,
-       "argmax_cost_ratio": search_lib.cost_of(problem, argmax) / problem.max_cost, "fit_moves": moves,
+       "argmax_cost_ratio": problem.costs.of(argmax) / problem.max_cost, "fit_moves": moves,
        "band_ratio": [b / problem.max_cost for b in band], "in_band": band[0] <= value <= band[1]}
-  if s.tables is not None:
-    measured = latency_lib.measure_latency(shape, s.tables.batch_size, runs=50)["median_ms"]
+  if problem.costs.kind == "latency":
+    measured = latency_lib.measure_latency(shape, problem.costs.tables.batch_size, runs=50)["median_ms"]
     r.update({"predicted_latency_ms": value * 1e3, "measured_latency_ms": measured,
               "latency_error": (value * 1e3 - measured) / measured,
               "unpruned_predicted_latency_ms": problem.max_cost * 1e3})
@@ -246,22 +232,34 @@ def _target_result(s: _Search, st, i: int, cost_kind: str) -> dict:
   return r
 
 
-def run(config, workdir: str, distributed=None) -> dict:
+def run(config, workdir: str, distributed=None, *, command: str = "") -> dict:
   """The search program: resumable; writes shape.json, shapes/, metrics.jsonl, arch_probs.jsonl, result.json.
 
-  With several ``targets`` one vectorised step searches K supernets at once
-  (each with its own weights, architecture and optimiser states, sharing the
-  input batches) and writes ``shape_<target>.json`` for each.
+  ``config`` is a search ConfigDict (``tas_jax/configs/search.py``) or
+  :class:`SearchSettings`; it is resolved and checked before anything is
+  read or written. With several ``targets`` one vectorised step searches K
+  supernets at once (each with its own weights, architecture and optimiser
+  states, sharing the input batches) and writes ``shape_<target>.json`` for
+  each. ``command`` is what a stopped run tells the user to rerun.
   """
   t_start = time.time()
-  cost_kind = _check(config)
-  s, state = _set_up(config, workdir, distributed, cost_kind)
+  cfg = SearchSettings.resolve(config)
+  search_lib.base_shape(cfg.model, None)  # an unknown model, named before anything is read or written
+  with runs.opened(workdir, cfg, distributed, command) as run_:
+    return _run(cfg, run_, t_start)
+
+
+def _run(cfg: SearchSettings, run_: runs.Run, t_start: float) -> dict:
+  done = runs.finished_result(run_, search_lib.FINGERPRINT_KEYS)
+  if done is not None:
+    return done
+  s, state = _set_up(cfg, run_)
   state, step = _search(s, state)
   if state is None:
     return {"finished": False, "step": step}
-  results = [_target_result(s, s.of_target(state, i), i, cost_kind) for i in range(len(s.targets))]
-  result = {"finished": True, "epochs": int(config.epochs), "steps": s.total, "model": config.model,
-            "dataset": s.dataset.name, "wall_s": time.time() - t_start, "cost": cost_kind}
+  results = [_target_result(s, s.of_target(state, i), i) for i in range(len(s.targets))]
+  result = {"finished": True, "epochs": cfg.epochs, "steps": s.total, "model": cfg.model, "dataset": s.dataset.name,
+            "data": runs.data_fingerprint(s.dataset), "wall_s": time.time() - t_start, "cost": cfg.cost}
   if s.multi:
     result["targets"] = results
   else:
@@ -269,6 +267,5 @@ def run(config, workdir: str, distributed=None) -> dict:
     result["target_flops_ratio"] = s.targets[0]
   if s.run.is_main:
     files.write_json(s.run.path("result.json"), result)
-  s.run.writer.close()
   s.ckpt.close()
   return result

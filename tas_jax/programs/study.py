@@ -55,7 +55,7 @@ from typing import Callable, Mapping, Sequence
 from tas_jax import baselines
 from tas_jax.latency import measure as latency
 from tas_jax.core import cost as cost_lib
-from tas_jax.runtime import files
+from tas_jax.runtime import files, lock
 from tas_jax.programs import protocol
 from tas_jax.report import tables
 from tas_jax.programs.study_config import StudyConfig, StudyError, search_config, shape_overrides, teacher_config
@@ -222,7 +222,11 @@ def run(cfg: StudyConfig, workdir: str, *, train_fn: Callable = train.run, searc
         on_round: Callable[[int, dict], None] | None = None) -> dict:
   """The whole study (see the module docstring); returns the summary written to ``study.json``."""
   workdir = os.path.normpath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with lock.locked(workdir):
+    return _run(cfg, workdir, train_fn, search_fn, on_round)
+
+
+def _run(cfg: StudyConfig, workdir: str, train_fn: Callable, search_fn: Callable, on_round) -> dict:
   # Shapes that need nothing trained first: a target out of reach fails before hours of training.
   paper = []
   if cfg.paper_shape:

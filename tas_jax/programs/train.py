@@ -52,6 +52,9 @@ top-1 is kept in ``model_best/``: never chosen on the test set.
 A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
 ``result.json`` and the trained network in ``model/`` (``shape.json`` and
 Orbax parameters ``params/``), which :func:`models.load_model` reads back.
+A finished run is done: rerunning its command reports ``result.json`` and
+changes nothing; ``reevaluate=True`` evaluates its final state on the test
+split again into ``reevaluation.json``.
 """
 
 from __future__ import annotations
@@ -77,109 +80,90 @@ from tas_jax.nets import resnet, surgery
 from tas_jax.runtime import evaluate as evaluate_lib
 from tas_jax.runtime import files, models, runs
 from tas_jax.runtime import loop as loop_lib
+from tas_jax.runtime.settings import TrainSettings
 from tas_jax.steps import train as train_lib
 
 log = logging.getLogger("tas_jax")
 
-MODES = ("base", "scratch", "kd", "finetune")
+REEVALUATION_FILE = "reevaluation.json"  # a finished run evaluated again (reevaluate=True)
 
 
-def check_config(config) -> None:
-  """Refuse a configuration that cannot run, before any data is read."""
-  mode = config.get("mode")
-  if mode not in MODES:
-    raise runs.RunError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-  train_lib.compute_dtype(config)
-  if config.get("budget", "epochs") not in train_lib.BUDGETS:
-    raise runs.RunError(f"budget must be one of {', '.join(train_lib.BUDGETS)}, got {config.budget!r}")
-  train_lib.color_augment(config, False)
-  strength = train_lib.bn_l1(config)
-  if strength < 0:
-    raise runs.RunError(f"bn_l1 must be non-negative, got {strength}")
-  if strength and mode not in ("base", "finetune"):
-    raise runs.RunError(f"sparsity training (bn_l1 > 0) starts from scratch (mode base) or from a run (finetune), "
-                        f"got mode {mode!r}")
-  if mode in ("scratch", "kd") and not config.get("shape"):
-    raise runs.RunError(f"mode {mode} needs config.shape (a preset, a shape JSON or an official .config)")
-  if mode == "kd" and not config.get("teacher"):
+def check_inputs(cfg: TrainSettings) -> None:
+  """Refuse a mode without its inputs, or a model, shape or recipe that cannot run together, before any data is read."""
+  if cfg.mode in ("scratch", "kd") and not cfg.shape:
+    raise runs.RunError(f"mode {cfg.mode} needs config.shape (a preset, a shape JSON or an official .config)")
+  if cfg.mode == "kd" and not cfg.teacher:
     raise runs.RunError("mode kd needs config.teacher: the directory of a finished base run")
-  if mode == "finetune" and not config.get("init_from"):
+  if cfg.mode == "finetune" and not cfg.init_from:
     raise runs.RunError("mode finetune needs config.init_from: a finished training or search run directory")
+  if cfg.mode == "base" and cfg.shape:
+    raise runs.RunError(f"mode base trains the unpruned config.model ({cfg.model}); config.shape "
+                        f"({cfg.shape}) applies to scratch, kd and finetune")
   try:  # an unknown model or a malformed shape file, named before the data is loaded
-    family = shape_files.resolve(config.model)
-    if config.get("shape"):
-      shape_files.resolve(config.shape)
+    family = shape_files.resolve(cfg.model)
+    if cfg.shape:
+      check_family(cfg, shape_files.resolve(cfg.shape), f"config.shape ({cfg.shape})")
   except shapes.ShapeError as e:
     raise runs.RunError(str(e)) from None
-  check_recipe(config, family)
+  check_recipe(cfg, family)
 
 
-def check_recipe(config, family: shapes.Shape) -> None:
+def _network(shape: shapes.Shape) -> str:
+  arch = {"cifar": "CIFAR", "imagenet": "ImageNet"}.get(shape.arch, shape.arch)
+  return f"{arch} ResNet ({shape.block} blocks, stages of {'/'.join(str(n) for n in shape.layers)})"
+
+
+def check_family(cfg: TrainSettings, shape: shapes.Shape, what: str) -> None:
+  """Refuses a shape that is not a pruned ``config.model``: the run would be labelled with a network it did not train."""
+  family = shape_files.resolve(cfg.model)
+  if (shape.arch, shape.block, shape.layers) != (family.arch, family.block, family.layers):
+    raise runs.RunError(f"{what} is a pruned {_network(shape)}, but config.model {cfg.model} is the {_network(family)}; "
+                        f"set config.model to the shape's network")
+
+
+def check_recipe(cfg: TrainSettings, family: shapes.Shape) -> None:
   """Refuse Rethinking's CIFAR schedule on an ImageNet network and its ImageNet schedule on a CIFAR one.
 
   The two protocols differ in epochs, lr steps and Scratch-B rule; a model
   override after choosing the recipe would otherwise mix them silently.
   """
-  recipe = config.get("recipe", "")
-  if recipe == "rethinking" and family.arch == "imagenet":
-    raise runs.RunError(f"recipe rethinking is Rethinking's CIFAR protocol; {config.model} is an ImageNet network: "
-                          "use the rethinking-imagenet recipe")
-  if recipe == "rethinking-imagenet" and family.arch != "imagenet":
-    raise runs.RunError(f"recipe rethinking-imagenet is Rethinking's ImageNet protocol; {config.model} is a "
-                          f"{family.arch} network: use the rethinking recipe")
-  rule = config.get("scratch_b_rule", "cifar")
-  if rule not in train_lib.SCRATCH_B_RULES:
-    raise runs.RunError(f"scratch_b_rule must be one of {', '.join(train_lib.SCRATCH_B_RULES)}, got {rule!r}")
+  if cfg.recipe == "rethinking" and family.arch == "imagenet":
+    raise runs.RunError(f"recipe rethinking is Rethinking's CIFAR protocol; {cfg.model} is an ImageNet network: "
+                        "use the rethinking-imagenet recipe")
+  if cfg.recipe == "rethinking-imagenet" and family.arch != "imagenet":
+    raise runs.RunError(f"recipe rethinking-imagenet is Rethinking's ImageNet protocol; {cfg.model} is a "
+                        f"{family.arch} network: use the rethinking recipe")
 
 
-# ----------------------------------------------------------------------------- budgets and schedules
-
-
-# ----------------------------------------------------------------------------- saved networks
-
-
-# ----------------------------------------------------------------------------- inherited weights
-
-
-def initial_network(config, num_classes: int, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
+def initial_network(cfg: TrainSettings, num_classes: int, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
   """The shape a run trains and its network before the first step.
 
   Random init (Kaiming, METHOD.md §6.1) for base, scratch and kd; inherited
   weights for finetune (:func:`tas_jax.nets.surgery.inherit` from the
   network a training or search run saved in ``model/``).
   """
-  mode = config.mode
   try:
-    if mode == "base":
-      shape = shapes.full_shape(shape_files.resolve(config.model, num_classes))
-    elif config.get("shape"):
-      shape = shape_files.resolve(config.shape, num_classes)
-    elif mode == "finetune":
-      shape = None  # the source's own shape
-    else:
-      raise runs.RunError(f"mode {mode} needs config.shape (a preset, a shape JSON or an official .config)")
-    if mode != "finetune":
-      return shape, resnet.build(shape, int(config.seed), dtype)
-    source = config.get("init_from") or ""
-    if not source:
-      raise runs.RunError("mode finetune needs config.init_from: a finished training or search run directory")
-    src_shape, src = models.load_model(source)
+    if cfg.mode == "base":
+      return (shape := shapes.full_shape(shape_files.resolve(cfg.model, num_classes))), resnet.build(shape, cfg.seed,
+                                                                                                        dtype)
+    shape = shape_files.resolve(cfg.shape, num_classes) if cfg.shape else None  # finetune: the source's own shape
+    if cfg.mode != "finetune":
+      return shape, resnet.build(shape, cfg.seed, dtype)
+    src_shape, src = models.load_model(cfg.init_from)
+    check_family(cfg, src_shape, f"the network of config.init_from ({cfg.init_from})")
     shape = shape or src_shape
     net = surgery.inherit(src, shape, dtype)
   except shapes.ShapeError as e:
     raise runs.RunError(str(e)) from None
   if shape.num_classes != num_classes:
-    raise runs.RunError(f"{config.init_from} has {shape.num_classes} classes, the dataset {num_classes}")
+    raise runs.RunError(f"{cfg.init_from} has {shape.num_classes} classes, the dataset {num_classes}")
   return shape, net
 
 
-def load_teacher(config, num_classes: int, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
-  path = config.get("teacher") or ""
-  if not path:
-    raise runs.RunError("mode kd needs config.teacher: the directory of a finished base run")
-  shape, model = models.load_model(path, dtype)
+def load_teacher(cfg: TrainSettings, num_classes: int, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
+  shape, model = models.load_model(cfg.teacher, dtype)
   if shape.num_classes != num_classes:
-    raise runs.RunError(f"the teacher in {path} has {shape.num_classes} classes, the dataset {num_classes}")
+    raise runs.RunError(f"the teacher in {cfg.teacher} has {shape.num_classes} classes, the dataset {num_classes}")
   return shape, model
 
 
@@ -213,7 +197,7 @@ class _Clock:
 class _Training:
   """What one training run sets up before its first step, and what its loop keeps (best epoch, clock)."""
 
-  config: Any
+  cfg: TrainSettings
   run: runs.Run
   dataset: Any
   dtype: Any
@@ -237,7 +221,7 @@ class _Training:
 
   @property
   def batch_size(self) -> int:
-    return int(self.config.batch_size)
+    return self.cfg.batch_size
 
   @property
   def total(self) -> int:
@@ -248,33 +232,39 @@ def _variables(state) -> dict:
   return {"params": state["params"], "stats": state["stats"]}
 
 
-def _set_up(config, workdir: str, distributed):
-  """Run directory, data, networks, plan, problem and the state to start from (restored when resuming)."""
-  dtype = train_lib.compute_dtype(config)
-  run_ = runs.start(config, workdir, distributed)
-  dataset = runs.load_data(config)
-  bs = int(config.batch_size)
-  eval_bs = int(config.get("eval_batch_size") or bs)
+def _set_up(cfg: TrainSettings, run_: runs.Run):
+  """Data, networks, plan, problem and the state to start from (restored when resuming)."""
+  dtype = train_lib.compute_dtype(cfg)
+  dataset = runs.load_data(cfg.data)
+  bs, eval_bs = cfg.batch_size, cfg.eval_batch_size or cfg.batch_size
   runs.check_batch_size(bs)
   runs.check_batch_size(eval_bs)
-  shape, net = initial_network(config, dataset.num_classes, dtype)
-  plan = train_lib.make_plan(config, shape)
-  teacher = load_teacher(config, dataset.num_classes, dtype) if config.mode == "kd" else None
-  train_idx, val_idx = train_lib.holdout(dataset.labels("train"), int(config.get("val_examples", 0) or 0),
-                                         int(config.seed))
+  shape, net = initial_network(cfg, dataset.num_classes, dtype)
+  try:  # costs are counted, and the model recorded, at the size of the images the network is given
+    shape = shape.replace(image_size=dataset.image_size)
+  except shapes.ShapeError as e:
+    raise runs.RunError(f"{cfg.dataset}: {e}") from None
+  if cfg.mode == "kd":
+    runs.check_same_data(cfg.teacher, "the teacher", dataset, cfg.allow_foreign_teacher)
+  if cfg.mode == "finetune":
+    runs.check_same_data(cfg.init_from, "the run to inherit from (config.init_from)", dataset,
+                         cfg.allow_foreign_teacher)
+  plan = train_lib.make_plan(cfg, shape)
+  teacher = load_teacher(cfg, dataset.num_classes, dtype) if cfg.mode == "kd" else None
+  train_idx, val_idx = train_lib.holdout(dataset.labels("train"), cfg.val_examples, cfg.seed)
   if len(train_idx) < bs:
     raise runs.RunError(f"batch_size {bs} exceeds the {len(train_idx)} training examples")
-  batches = data_lib.Batches(len(train_idx), bs, seed=int(config.seed))
-  problem, state, teacher_vars = train_lib.build(config, net, plan, batches.steps_per_epoch, dataset.mean,
+  batches = data_lib.Batches(len(train_idx), bs, seed=cfg.seed)
+  problem, state, teacher_vars = train_lib.build(cfg, net, plan, batches.steps_per_epoch, dataset.mean,
                                                  dataset.std, bool(dataset.streaming), teacher[1] if teacher else None)
   state = runs.replicate(run_, state)
   teacher_vars = runs.replicate(run_, teacher_vars) if teacher_vars is not None else None
-  fp = runs.fingerprint(config, train_lib.FINGERPRINT_KEYS)
+  fp = cfg.fingerprint(train_lib.FINGERPRINT_KEYS)
   fp.update(trained_shape={"widths": list(shape.widths), "blocks": list(shape.blocks)}, trained_epochs=plan.epochs)
-  fp.update(train_lib.augment_fingerprint(config, problem))
+  fp.update(train_lib.augment_fingerprint(cfg, problem))
   ckpt = runs.open_checkpoints(run_, fp)
   state, meta, start = runs.restore(run_, ckpt, state)
-  t = _Training(config, run_, dataset, dtype, shape, plan, teacher, train_idx, val_idx, batches, problem,
+  t = _Training(cfg, run_, dataset, dtype, shape, plan, teacher, train_idx, val_idx, batches, problem,
                 teacher_vars, ckpt, meta, start, best=dict(meta.get("best") or {}),
                 clock=_Clock(float(meta.get("train_s", 0.0))))
   _describe(t)
@@ -290,22 +280,22 @@ def _describe(t: _Training) -> None:
     log.info("resuming at step %d of %d", t.start, t.total)
   macs = cost_lib.count(t.shape)
   full_macs = cost_lib.count(shapes.full_shape(t.shape)).macs
-  log.info("%s: %s, %d MACs (%.3f of unpruned), %d params; %d epochs of %d steps, warmup %d", t.config.mode,
-           t.config.get("shape") or t.config.get("model"), macs.macs, macs.macs / full_macs, macs.params,
+  log.info("%s: %s, %d MACs (%.3f of unpruned), %d params; %d epochs of %d steps, warmup %d", t.cfg.mode,
+           t.cfg.shape or t.cfg.model, macs.macs, macs.macs / full_macs, macs.params,
            t.plan.epochs, t.batches.steps_per_epoch, t.plan.warmup_epochs)
 
 
 def _train(t: _Training, state):
   """The step loop; the final state, or None when ``stop_after_steps`` stopped it (with the step reached)."""
-  config, run_, spe, bs = t.config, t.run, t.batches.steps_per_epoch, t.batch_size
-  every = int(config.get("eval_every_epochs", 0) or 0)
+  cfg, run_, spe, bs = t.cfg, t.run, t.batches.steps_per_epoch, t.batch_size
+  every = cfg.eval_every_epochs
   images_before = int(t.meta.get("images", 0))
   prefetch = data_lib.Prefetcher(
       lambda step: runs.device_batch(run_, t.dataset, "train", t.train_idx[t.batches.indices(step)], step),
       t.start, end_step=t.total)
 
   def on_epoch(state, epoch, averaged):
-    out = {"mean_abs_gamma": train_lib.mean_abs_gamma(state["params"])} if train_lib.bn_l1(config) else {}
+    out = {"mean_abs_gamma": train_lib.mean_abs_gamma(state["params"])} if cfg.bn_l1 else {}
     with t.clock.exclude(state):
       if t.val_eval is not None:
         out["val_top1"], out["val_top5"] = t.val_eval(_variables(state))
@@ -322,7 +312,7 @@ def _train(t: _Training, state):
               "images": images_before + (step - t.start) * bs}
       t.ckpt.save(step, state, meta=runs.checkpoint_meta(meta, carry), force=True)
 
-  loop = loop_lib.make_loop(run_, programs.cadence(config), total_steps=t.total, steps_per_epoch=spe, save=save,
+  loop = loop_lib.make_loop(run_, programs.cadence(cfg), total_steps=t.total, steps_per_epoch=spe, save=save,
                             on_epoch=on_epoch, resumed=runs.resumed_carry(t.meta))
   state = loop_lib.drive(run_, loop, state, t.start, lambda state, step: t.step_fn(state, next(prefetch),
                                                                                     t.teacher_vars), prefetch, t.ckpt)
@@ -331,7 +321,7 @@ def _train(t: _Training, state):
 
 def _result(t: _Training, state, t_start: float) -> dict:
   """Test accuracy, the saved model and ``result.json``'s record of what ran."""
-  config, run_, plan = t.config, t.run, t.plan
+  cfg, run_, plan = t.cfg, t.run, t.plan
   train_s = t.clock.seconds()
   images = int(t.meta.get("images", 0)) + (t.total - t.start) * t.batch_size
   top1, top5 = t.test_eval(_variables(state))
@@ -339,16 +329,16 @@ def _result(t: _Training, state, t_start: float) -> dict:
     run_.writer.write(t.total, {"test_top1": top1, "test_top5": top5}, epoch=plan.epochs - 1)
   models.save_model(run_.path(models.MODEL_DIR), t.shape, state["params"], state["stats"], run_.is_main)
   macs, full_macs = cost_lib.count(t.shape), cost_lib.count(shapes.full_shape(t.shape)).macs
-  result = {"finished": True, "mode": config.mode, "recipe": config.get("recipe", ""), "test_top1": top1,
+  result = {"finished": True, "mode": cfg.mode, "recipe": cfg.recipe, "test_top1": top1,
             "test_top5": top5, "macs": macs.macs, "params": macs.params, "flops_ratio": macs.macs / full_macs,
-            "shape": t.shape.to_dict(), "shape_spec": config.get("shape") or config.get("model"),
-            "model": config.get("model"), "dataset": t.dataset.name, "seed": int(config.seed),
+            "shape": t.shape.to_dict(), "shape_spec": cfg.shape or cfg.model,
+            "model": cfg.model, "dataset": t.dataset.name, "data": runs.data_fingerprint(t.dataset), "seed": cfg.seed,
             "epochs": plan.epochs, "steps": t.total, "batch_size": t.batch_size, "warmup_epochs": plan.warmup_epochs,
             "lr": plan.lr, "lr_schedule": plan.lr_schedule, "milestones": list(plan.milestones),
             "lr_per_epoch": plan.per_epoch, "official_tail": plan.official_tail,
-            "budget": config.get("budget", "epochs"), "budget_ratio": plan.budget_ratio,
-            "scratch_b_rule": config.get("scratch_b_rule", "cifar"), "color_augment": t.problem.color,
-            "dtype": config.get("dtype", "float32"), "num_devices": int(run_.mesh.size),
+            "budget": cfg.budget, "budget_ratio": plan.budget_ratio,
+            "scratch_b_rule": cfg.scratch_b_rule, "color_augment": t.problem.color,
+            "dtype": cfg.dtype, "num_devices": int(run_.mesh.size),
             "wall_s": time.time() - t_start, "train_s": train_s, "compile_s": t.compile_s,
             "train_images_per_s": images / train_s if train_s > 0 else None}
   result.update(_mode_record(t, state))
@@ -357,15 +347,15 @@ def _result(t: _Training, state, t_start: float) -> dict:
 
 def _mode_record(t: _Training, state) -> dict:
   """What the mode adds to the record: the teacher, the source, the sparsity, the validation hold-out."""
-  config, out = t.config, {}
-  if config.mode == "kd":
-    out.update(teacher=config.teacher, teacher_shape=t.teacher[0].to_dict(), kd_alpha=t.problem.kd_alpha,
+  cfg, out = t.cfg, {}
+  if cfg.mode == "kd":
+    out.update(teacher=cfg.teacher, teacher_shape=t.teacher[0].to_dict(), kd_alpha=t.problem.kd_alpha,
                kd_temperature=t.problem.kd_temperature,
-               teacher_test_top1=files.read_json(os.path.join(config.teacher, "result.json")).get("test_top1"))
-  if config.mode == "finetune":
-    out["init_from"] = config.init_from
-  if train_lib.bn_l1(config):
-    out.update(mode="sparsity", bn_l1=train_lib.bn_l1(config), mean_abs_gamma=train_lib.mean_abs_gamma(state["params"]))
+               teacher_test_top1=files.read_json(os.path.join(cfg.teacher, "result.json")).get("test_top1"))
+  if cfg.mode == "finetune":
+    out["init_from"] = cfg.init_from
+  if cfg.bn_l1:
+    out.update(mode="sparsity", bn_l1=cfg.bn_l1, mean_abs_gamma=train_lib.mean_abs_gamma(state["params"]))
   if t.val_eval is not None:
     out["val_examples"] = len(t.val_idx)
     out["val_top1"], out["val_top5"] = t.val_eval(_variables(state))
@@ -378,20 +368,42 @@ def _mode_record(t: _Training, state) -> dict:
   return out
 
 
-def run(config, workdir: str, distributed=None) -> dict:
+def run(config, workdir: str, distributed=None, *, command: str = "") -> dict:
   """The training program: resumable; writes model/, result.json, metrics.jsonl (see the module docstring).
 
-  Returns the result dict (``finished`` False when ``stop_after_steps`` stopped it early).
+  ``config`` is a training ConfigDict (``tas_jax/configs/train.py``) or
+  :class:`TrainSettings`, resolved and checked before anything is read or
+  written; ``command`` is what a stopped run tells the user to rerun.
+  Returns the result dict (``finished`` False when ``stop_after_steps``
+  stopped it early).
   """
   t_start = time.time()
-  check_config(config)
-  t, state = _set_up(config, workdir, distributed)
+  cfg = TrainSettings.resolve(config)
+  check_inputs(cfg)
+  with runs.opened(workdir, cfg, distributed, command) as run_:
+    return _run(cfg, run_, t_start)
+
+
+def _run(cfg: TrainSettings, run_: runs.Run, t_start: float) -> dict:
+  done = runs.finished_result(run_, train_lib.FINGERPRINT_KEYS)
+  if done is not None and not cfg.reevaluate:
+    return done
+  if done is not None:
+    run_.config_text = ""  # config.json stays the record of the run that finished
+  t, state = _set_up(cfg, run_)
+  if done is not None:  # evaluated again into a file of its own; the run's outputs stay as they are
+    top1, top5 = t.test_eval(_variables(state))
+    again = {"test_top1": top1, "test_top5": top5, "recorded_test_top1": done.get("test_top1"),
+             "num_devices": int(run_.mesh.size), "dtype": cfg.dtype, "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if run_.is_main:
+      files.write_json(run_.path(REEVALUATION_FILE), again)
+    t.ckpt.close()
+    return {**done, "reevaluation": again}
   state, step = _train(t, state)
   if state is None:
     return {"finished": False, "step": step}
   result = _result(t, state, t_start)
   if t.run.is_main:
     files.write_json(t.run.path("result.json"), result)
-  t.run.writer.close()
   t.ckpt.close()
   return result

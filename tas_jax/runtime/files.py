@@ -16,9 +16,31 @@ from tas_jax.runtime import metrics as metrics_lib
 def write_text(path: str, text: str) -> None:
   """Replaces ``path`` with ``text`` atomically: a reader sees the old file or the new one, never a part."""
   tmp = f"{path}.tmp{os.getpid()}"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def output_problem(path: str) -> str | None:
+  """Why ``path`` cannot be written as an output file, or None: checked by command lines before any work starts.
+
+  Missing parent directories are fine (writers create them); a path that is
+  a directory, or whose nearest existing parent is a file or not writable, is
+  not.
+  """
+  if "://" in path:
+    return None
+  if os.path.isdir(path):
+    return f"{path} is a directory; name a file"
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"cannot write {path}: {parent} is a file, not a directory"
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f"cannot write {path}: {parent} is not writable"
+  return None
 
 
 def write_json(path: str, obj) -> None:

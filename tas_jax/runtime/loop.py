@@ -19,7 +19,7 @@ import numpy as np
 
 from tas_jax.runtime import preemption
 from tas_jax.runtime import metrics as metrics_lib
-from tas_jax.runtime.runs import PREEMPTED, Diverged, Run, how_to_resume
+from tas_jax.runtime.runs import PREEMPTED, Diverged, Run, resume_hint
 
 log = logging.getLogger("tas_jax")
 
@@ -52,7 +52,7 @@ class Loop:
     self.stop_after = stop_after
     self.log_every, self.checkpoint_every = max(1, log_every), max(0, checkpoint_every)
     self.save, self.on_epoch, self.describe = save, on_epoch, describe or (lambda step: {})
-    self.resume_hint = how_to_resume()
+    self.resume_hint = resume_hint(run.command)
     self.resumed = dict(resumed or {})  # the carry of the checkpoint the run resumes from
 
   def __call__(self, state, start_step: int, step_fn: Callable):

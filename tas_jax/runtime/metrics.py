@@ -111,6 +111,7 @@ class MetricWriter:
     self.tensorboard = tensorboard
     self.path = os.path.join(self.workdir, METRICS_FILE)
     self._file: IO[str] | None = None
+    self._lines: list[str] = []
     self._tb: Any = None
     # Steps >= this are hidden by TensorBoard when the event writer opens.
     self._purge_step: int | None = None
@@ -119,8 +120,34 @@ class MetricWriter:
 
   def _jsonl(self) -> IO[str]:
     if self._file is None:
+      # What the file holds, kept in memory: the history it is rebuilt from if it is removed or cut short.
+      self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path)]
       self._file = open(self.path, "a", encoding="utf-8")
+      if self._file.tell() != sum(len(line.encode()) for line in self._lines):  # a half line at the end
+        self._rewrite()
+    elif self._damaged():
+      _log.warning("%s was removed, replaced or cut short during the run; rebuilt from the %d records of this run",
+                   self.path, len(self._lines))
+      self._rewrite()
     return self._file
+
+  def _damaged(self) -> bool:
+    try:
+      on_disk = os.stat(self.path)
+    except FileNotFoundError:
+      return True
+    mine = os.fstat(self._file.fileno())
+    return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev) or on_disk.st_size < self._file.tell()
+
+  def _rewrite(self) -> None:
+    """Replaces the file with the records this writer knows (atomically) and appends to it from there."""
+    if self._file is not None:
+      self._file.close()
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(self._lines)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
 
   def _summary(self) -> Any:
     # Opened on first use so that truncate_after() can still set purge_step.
@@ -153,8 +180,10 @@ class MetricWriter:
     record = {"step": step, **values, **to_json_value(extra)}
     record["step"] = step
     f = self._jsonl()
-    f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    f.write(line)
     f.flush()
+    self._lines.append(line)
     if self.tensorboard:
       tb = self._summary()
       for name, value in values.items():

@@ -8,6 +8,7 @@ network to ``RUN/model`` too, so every finished run can be loaded the same way.
 from __future__ import annotations
 
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -25,25 +26,49 @@ MODEL_DIR = "model"
 BEST_DIR = "model_best"
 
 
+def _complete(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, "shape.json")) and os.path.isdir(os.path.join(directory, "params"))
+
+
 def _model_dir(run_dir: str) -> str:
-  if os.path.isfile(os.path.join(run_dir, "shape.json")) and os.path.isdir(os.path.join(run_dir, "params")):
+  if _complete(run_dir):
     return run_dir
-  return os.path.join(run_dir, MODEL_DIR)
+  directory = os.path.join(run_dir, MODEL_DIR)
+  if not _complete(directory) and _complete(directory + _OLD):  # killed between the two renames of save_model
+    return directory + _OLD
+  return directory
+
+
+_PARTIAL, _OLD = ".partial", ".old"
 
 
 def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool = True) -> None:
-  """Write ``directory/params`` (Orbax: ``{"params", "stats"}``) and ``directory/shape.json``.
+  """Write ``directory/params`` (Orbax: ``{"params", "stats"}``) and ``directory/shape.json``, atomically.
 
-  Every process calls it (Orbax coordinates the write); ``shape.json`` is
-  written last, so its presence marks a complete model.
+  The model is written aside into ``directory.partial`` (``shape.json``, the
+  completion marker, last) and then renamed into place; a model it replaces is
+  moved to ``directory.old`` first and deleted last, so a process killed at
+  any moment leaves a complete model under ``directory`` or, between the two
+  renames, under ``directory.old`` (which :func:`load_model` reads then).
+  Every process calls it (Orbax coordinates the write); process 0 renames.
   """
-  os.makedirs(directory, exist_ok=True)
+  partial, old = directory + _PARTIAL, directory + _OLD
+  if is_main and os.path.isdir(partial):  # a write cut short earlier
+    shutil.rmtree(partial)
+  parallel.barrier("tas_jax.runtime.models.save_model.clean")
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(os.path.join(directory, "params")), {"params": params, "stats": stats}, force=True)
+  ckptr.save(os.path.abspath(os.path.join(partial, "params")), {"params": params, "stats": stats}, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   if is_main:
-    shape_files.save(shape, os.path.join(directory, "shape.json"))
+    shape_files.save(shape, os.path.join(partial, "shape.json"))
+    if os.path.isdir(directory):
+      if os.path.isdir(old):
+        shutil.rmtree(old)
+      os.rename(directory, old)
+    os.rename(partial, directory)
+    if os.path.isdir(old):
+      shutil.rmtree(old)
   parallel.barrier("tas_jax.runtime.models.save_model")
 
 

@@ -12,11 +12,11 @@ losses, exit codes) is written down in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shlex
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,9 +25,11 @@ import numpy as np
 
 from tas_jax.runtime import checkpoint as checkpoint_lib
 from tas_jax import data as data_lib
-from tas_jax.runtime.files import write_text
+from tas_jax.runtime.files import read_json, write_text
 from tas_jax.runtime import metrics as metrics_lib
+from tas_jax.runtime import lock as lock_lib
 from tas_jax.runtime import parallel
+from tas_jax.runtime import settings as settings_lib
 
 log = logging.getLogger("tas_jax")
 
@@ -44,70 +46,103 @@ class Diverged(RunError):
   """A non-finite loss; the last good checkpoint is kept."""
 
 
-# The command line of this program, quoted, for the lines that say how to
-# resume; set by the command-line entry points.
-_command: str | None = None
-
-
-def set_command(argv: Sequence[str]) -> None:
-  """Records the command that started this program (e.g. ``sys.orig_argv``)."""
-  global _command
-  _command = shlex.join(argv) if argv else None
-
-
-def how_to_resume() -> str:
-  """How to resume this run: rerun the same command, quoted when it is known."""
-  return f"Rerun the same command to resume: {_command}" if _command else "Rerun the same command to resume."
+def resume_hint(command: str = "") -> str:
+  """How to resume a run: rerun the same command, quoted when it is known."""
+  return f"Rerun the same command to resume: {command}" if command else "Rerun the same command to resume."
 
 
 @dataclasses.dataclass
 class Run:
   """Process-wide state of one program run."""
 
-  config: Any
   workdir: str
   mesh: jax.sharding.Mesh
   writer: metrics_lib.MetricWriter
   is_main: bool
+  seed: int  # the run's seed: data order and every random draw of a step
+  keep_checkpoints: int = 2
   config_text: str = ""  # config.json as it will be written, once the checkpoints accept this run
+  command: str = ""  # the command that started the program, quoted, for the lines that say how to resume
+  lock: lock_lib.DirectoryLock | None = None  # held by process 0 from start to close
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
 
+  def close(self) -> None:
+    """Closes the metric files and frees the work directory (idempotent; every exit of a program calls it)."""
+    self.writer.close()
+    if self.lock is not None:
+      self.lock.release()
 
-def config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
 
+def start(workdir: str, record: Mapping[str, Any], *, seed: int, num_devices: int = 0, keep_checkpoints: int = 2,
+          distributed: Mapping[str, Any] | None = None, command: str = "") -> Run:
+  """Distributed set-up, mesh, the work directory's lock, metric writer.
 
-def start(config, workdir: str, distributed: Mapping[str, Any] | None = None) -> Run:
-  """Distributed set-up, mesh, work directory, metric writer.
-
+  ``record`` is the resolved configuration ``config.json`` keeps.
   ``distributed`` holds ``coordinator_address``, ``num_processes`` and
   ``process_id`` for a multi-process run (none needed on TPU pods and SLURM,
-  where JAX detects them). ``config.num_devices`` (0 = all) limits the mesh.
+  where JAX detects them). ``num_devices`` (0 = all) limits the mesh.
+  ``command`` (quoted) is what the run tells the user to rerun to resume.
 
   Writes ``config.json`` (the previous one is kept as ``config.prev.json`` if
   the configuration changed in keys that do not affect a resume). In a
   directory that holds checkpoints it is written only once
   :func:`open_checkpoints` has accepted this configuration, so a refused
   command leaves the record of the run that wrote them as it was.
+
+  Process 0 holds the directory's lock (:mod:`tas_jax.runtime.lock`) until
+  :meth:`Run.close`; a directory another live run holds is refused
+  (:class:`RunError`) before anything in it is touched.
   """
   parallel.initialize_distributed(**{k: v for k, v in (distributed or {}).items() if v is not None})
-  n = int(config.get("num_devices", 0) or 0)
+  n = int(num_devices)
   if n and jax.process_count() > 1:
     raise RunError("num_devices applies to single-process runs only")
   if n > jax.device_count():
     raise RunError(f"num_devices={n} but only {jax.device_count()} devices are visible")
   mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
   is_main = parallel.is_main_process()
+  held = claim(workdir)  # before anything in the directory is opened, cleaned or written
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   log.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(), jax.device_count(),
            jax.devices()[0].platform)
-  run = Run(config, workdir, mesh, writer, is_main, json.dumps(config_dict(config), indent=1, sort_keys=True))
+  run = Run(workdir, mesh, writer, is_main, int(seed), int(keep_checkpoints),
+            json.dumps(dict(record), indent=1, sort_keys=True), command, held)
   if not os.path.isdir(run.path("checkpoints")):
     record_config(run)
   return run
+
+
+@contextlib.contextmanager
+def opened(workdir: str, settings: settings_lib.RunSettings, distributed: Mapping[str, Any] | None = None,
+           command: str = ""):
+  """``with opened(workdir, settings) as run:`` a started run (:func:`start`) with its settings' seed, devices and
+  checkpoints to keep, closed (its lock freed) however the block ends."""
+  run = start(workdir, settings.record(), seed=settings.seed, num_devices=settings.num_devices,
+              keep_checkpoints=settings.keep_checkpoints, distributed=distributed, command=command)
+  try:
+    yield run
+  finally:
+    run.close()
+
+
+def claim(workdir: str) -> lock_lib.DirectoryLock | None:
+  """The work directory's lock, taken by process 0 (None elsewhere, and for remote paths).
+
+  Every process calls it; all of them raise :class:`RunError` when another
+  live run holds the directory.
+  """
+  held, refusal = None, None
+  if parallel.is_main_process():
+    try:
+      held = lock_lib.lock(workdir)
+    except lock_lib.Held as e:
+      refusal = str(e)
+  if not parallel.all_processes(refusal is None):
+    raise RunError(refusal or f"process 0 could not lock {workdir}")
+  return held
 
 
 def record_config(run: Run) -> None:
@@ -124,28 +159,74 @@ def record_config(run: Run) -> None:
   write_text(path, run.config_text)
 
 
-def fingerprint(config, keys) -> dict:
-  d = config_dict(config)
-  return {k: d.get(k) for k in keys}
+def finished_result(run: Run, keys: Sequence[str]) -> dict | None:
+  """The result of a run that finished in this directory, or None.
 
-
-BAD_IMAGE_POLICIES = ("error", "skip")
-
-
-def load_data(config) -> data_lib.Dataset:
-  """The dataset a config names (``dataset``, ``data_dir``, ``download``, ``num_train_examples``).
-
-  ``on_bad_image`` (default ``"error"``) decides what an unreadable file of an
-  image tree does: ``"error"`` stops the run naming the file, ``"skip"``
-  leaves it out with a warning.
+  A finished run is done: rerunning its command reports this result and
+  changes nothing. One that finished under a configuration that differs in
+  one of ``keys`` (the trajectory-changing ones) is refused, naming them.
   """
-  policy = config.get("on_bad_image", "error") or "error"
-  if policy not in BAD_IMAGE_POLICIES:
-    raise RunError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
-  return data_lib.load(config.dataset, data_dir=config.get("data_dir") or None,
-                       num_train_examples=config.get("num_train_examples") or None,
-                       download=bool(config.get("download", False)), seed=int(config.get("data_seed", 0)),
-                       on_bad_image=policy)
+  result = read_json(run.path("result.json"))
+  if not result.get("finished"):
+    return None
+  recorded, now = read_json(run.path("config.json")), json.loads(run.config_text or "{}")
+  changed = {k: (recorded[k], now.get(k)) for k in keys if k in recorded and recorded[k] != now.get(k)}
+  if changed:
+    listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+    raise RunError(f"{run.workdir} holds a run that finished under another configuration ({listed}); "
+                   f"use another --workdir")
+  log.info("%s finished already; nothing to do (its result: %s)", run.workdir, run.path("result.json"))
+  return result
+
+
+def load_data(spec: settings_lib.DataSettings) -> data_lib.Dataset:
+  """The dataset of a run's data settings; one with fewer than two classes is refused.
+
+  ``on_bad_image`` decides what an unreadable file of an image tree does:
+  ``"error"`` stops the run naming the file, ``"skip"`` leaves it out with a
+  warning.
+  """
+  dataset = data_lib.load(spec.dataset, data_dir=spec.data_dir or None,
+                          num_train_examples=spec.num_train_examples or None, download=spec.download,
+                          seed=spec.data_seed, on_bad_image=spec.on_bad_image)
+  if dataset.num_classes < 2:  # every prediction would be right: accuracy 1.0 that means nothing
+    raise RunError(f"the dataset {spec.dataset} has {dataset.num_classes} class; a classifier needs at least two")
+  return dataset
+
+
+def data_fingerprint(dataset: data_lib.Dataset) -> dict:
+  """What identifies the data a network was trained on (recorded in ``result.json`` as ``data``).
+
+  The training subset size is left out: a teacher trained on the whole set
+  serves a student trained on part of it.
+  """
+  return {"name": dataset.name, "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
+          "image_size": int(dataset.image_size), "test_examples": int(dataset.num_examples("test"))}
+
+
+def check_same_data(source: str, what: str, dataset: data_lib.Dataset, allow_foreign: bool) -> None:
+  """Refuses a run directory (a teacher, a run to inherit from) whose network was trained on other data.
+
+  Compares the ``data`` record of ``source``'s ``result.json`` with
+  ``dataset``; a source recorded before such records existed is accepted with
+  a warning. ``allow_foreign`` accepts a difference, with a warning.
+  """
+  recorded = read_json(os.path.join(source, "result.json")).get("data")
+  if not isinstance(recorded, dict):
+    log.warning("%s %s records no data fingerprint; its dataset cannot be checked against %s", what, source,
+                dataset.name)
+    return
+  now = data_fingerprint(dataset)
+  diffs = [f"{k}: {recorded.get(k)!r} there, {now[k]!r} here" for k in now if k in recorded and recorded[k] != now[k]
+           and k != "class_names"]
+  if not diffs and recorded.get("class_names", now["class_names"]) != now["class_names"]:
+    diffs.append("class names differ")
+  if not diffs:
+    return
+  text = f"{what} {source} was trained on other data ({'; '.join(diffs)})"
+  if not allow_foreign:
+    raise RunError(f"{text}; set config.allow_foreign_teacher=True if that is meant")
+  log.warning("%s; used anyway (allow_foreign_teacher)", text)
 
 
 def device_batch(run: Run, dataset: data_lib.Dataset, split: str, indices: np.ndarray, step: int = 0,
@@ -157,7 +238,7 @@ def device_batch(run: Run, dataset: data_lib.Dataset, split: str, indices: np.nd
   """
   local = data_lib.process_slice(indices, jax.process_index(), jax.process_count())
   # Streamed batches are flipped on device with the in-memory ones, not on the host too.
-  images, labels = data_lib.get_batch(dataset, split, local, seed=int(run.config.seed), step=step, augment=augment,
+  images, labels = data_lib.get_batch(dataset, split, local, seed=run.seed, step=step, augment=augment,
                                       flip=False)
   return parallel.global_batch(run.mesh, {"images": np.asarray(images), "labels": np.asarray(labels, np.int32)})
 
@@ -193,7 +274,7 @@ def open_checkpoints(run: Run, fingerprint: Mapping[str, Any]) -> checkpoint_lib
   Only once they are accepted is ``config.json`` brought up to date.
   """
   try:
-    ckpt = checkpoint_lib.Checkpointer(run.path("checkpoints"), max_to_keep=int(run.config.get("keep_checkpoints", 2)),
+    ckpt = checkpoint_lib.Checkpointer(run.path("checkpoints"), max_to_keep=run.keep_checkpoints,
                                        fingerprint=dict(fingerprint))
   except checkpoint_lib.FingerprintMismatchError as e:
     listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}" for k, (old, new) in e.differences.items())

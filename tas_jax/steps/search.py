@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from tas_jax.core import shape_files
 from tas_jax.latency import table as latency_table
 from tas_jax.nets import supernet, surgery
 from tas_jax.runtime import parallel, runs
+from tas_jax.runtime.settings import SearchSettings, target_tag
 
 
 # Configuration keys that change a search's trajectory: a checkpoint written
@@ -39,60 +40,89 @@ FINGERPRINT_KEYS = ("model", "dataset", "num_train_examples", "mode", "target_fl
                     "tau_min", "cost_band", "cost_tolerance", "cost_weight", "exact_cost", "num_sampled",
                     "block_relu", "shortcut_bn", "width_multiple", "bn_groups", "seed", "dtype", "split_seed",
                     "lr_schedule", "momentum", "nesterov", "arch_b1", "arch_b2", "arch_step_updates_bn",
-                    "freeze_undrawn_bn", "unbiased_var", "valid_sampling")
+                    "freeze_undrawn_bn", "unbiased_var", "valid_sampling", "cost", "targets", "latency_batch",
+                    "target_latency_ms")
 
 
-def supernet_config(config) -> supernet.SupernetConfig:
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(config.get("dtype", "float32"), "bad")
-  if dtype == "bad":
-    raise runs.RunError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-  return supernet.SupernetConfig(mode=config.mode, num_sampled=config.num_sampled,
-                                 width_multiple=config.width_multiple, block_relu=config.block_relu,
-                                 shortcut_bn=config.shortcut_bn, exact_cost=config.exact_cost,
-                                 bn_groups=config.bn_groups, unbiased_var=bool(config.get("unbiased_var", True)),
-                                 dtype=dtype)
+def supernet_config(settings: SearchSettings) -> supernet.SupernetConfig:
+  return supernet.SupernetConfig(mode=settings.mode, num_sampled=settings.num_sampled,
+                                 width_multiple=settings.width_multiple, block_relu=settings.block_relu,
+                                 shortcut_bn=settings.shortcut_bn, exact_cost=settings.exact_cost,
+                                 bn_groups=settings.bn_groups, unbiased_var=settings.unbiased_var,
+                                 dtype=jnp.bfloat16 if settings.dtype == "bfloat16" else None)
 
 
-def base_shape(config, num_classes: int) -> shapes.Shape:
+def base_shape(model: str, num_classes: int | None, image_size: int | None = None) -> shapes.Shape:
+  """The unpruned network a search starts from: the full shape of the preset ``model``.
+
+  ``image_size`` is the side of the images the network is given (default
+  the preset's): the costs are counted at it.
+  """
   try:
-    base = shape_files.resolve(config.model, num_classes)
+    base = shape_files.resolve(model, num_classes)
+    if image_size:
+      base = base.replace(image_size=image_size)
   except shapes.ShapeError as e:
     raise runs.RunError(str(e)) from None
   return shapes.full_shape(base)
 
 
-def target_ratios(config) -> list[float]:
-  """The cost targets of a run, as ratios of the unpruned network's cost: ``targets`` or ``target_flops_ratio``."""
-  text = str(config.get("targets", "") or "").strip()
-  if not text:
-    return [float(config.target_flops_ratio)]
-  try:
-    values = [float(t) for t in text.split(",") if t.strip()]
-  except ValueError:
-    raise runs.RunError(f"targets must be comma-separated ratios such as 0.3,0.5,0.7, got {text!r}") from None
-  if len(set(values)) != len(values) or not values:
-    raise runs.RunError(f"targets must be distinct ratios, got {text!r}")
-  return values
+@dataclasses.dataclass(frozen=True, eq=False)
+class CostModel:
+  """What a search counts: exact MACs, or latency in seconds predicted from measured tables (METHOD.md §3).
+
+  The one place that tells the two apart: the problem, the step and the
+  outputs ask it for costs and never look at the tables themselves.
+  """
+
+  space: space_lib.SearchSpace
+  exact: bool  # MACs: what the pruned network costs (True) or the official formulas (False)
+  tables: latency_table.LatencyTables | None = None
+
+  @property
+  def kind(self) -> str:
+    return "macs" if self.tables is None else "latency"
+
+  def of(self, shape: shapes.Shape) -> float:
+    """The cost of a concrete shape: its MACs, or its predicted latency."""
+    if self.tables is None:
+      return float(cost_lib.count(shape).macs)
+    return latency_table.predict(self.space, self.tables, shape)
+
+  def unpruned(self) -> float:
+    return self.of(self.space.base)
+
+  def smallest(self) -> float:
+    """The cost of the cheapest shape of the space, as the search's discrete cost counts it."""
+    wi = np.zeros(self.space.width_table.shape[0], np.int32)
+    di = np.zeros(self.space.depth_table.shape[0], np.int32)
+    if self.tables is None:
+      return float(cost_lib.as_int(cost_lib.discrete_cost(self.space, wi, di, self.exact)))
+    return self.of(self.space.shape_from_indices(wi, di))
+
+  def of_model(self, model: supernet.Supernet, forward_costs=None):
+    """(expected, discrete) cost of a supernet's distributions as floats on device (expected None without a forward
+    in MACs mode: the forward computes it)."""
+    wi, di = model.argmax()
+    space = self.space
+    if self.tables is None:
+      if forward_costs is None:
+        return None, cost_lib.as_float(cost_lib.discrete_cost(space, wi, di, model.config.exact_cost))
+      return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
+    expected = cost_lib.table_cost(space, self.tables, model.width_probs(), model.depth_probs())
+    discrete = cost_lib.table_cost(space, self.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
+                                   jax.nn.one_hot(di, space.depth_table.shape[1]))
+    return expected, jax.lax.stop_gradient(discrete)
 
 
-def _latency_of(space, tables, shape) -> float:
-  return latency_table.predict(space, tables, shape)
-
-
-def check_target(space: space_lib.SearchSpace, ratio: float, exact: bool, tables=None) -> tuple[float, float]:
+def check_target(costs: CostModel, ratio: float) -> tuple[float, float]:
   """Refuse a target ratio outside (0, 1) or below what the space can reach; returns (min, max) ratios."""
-  wi = np.zeros(space.width_table.shape[0], np.int32)
-  di = np.zeros(space.depth_table.shape[0], np.int32)
-  if tables is None:
-    full = cost_lib.count(space.base).macs
-    smallest = cost_lib.as_int(cost_lib.discrete_cost(space, wi, di, exact)) / full
-  else:
-    smallest = _latency_of(space, tables, space.shape_from_indices(wi, di)) / _latency_of(space, tables, space.base)
+  smallest = costs.smallest() / costs.unpruned()
   if not 0.0 < ratio < 1.0:
     raise runs.RunError(f"target_flops_ratio must lie in (0, 1), got {ratio}")
   if ratio < smallest:
     raise runs.RunError(f"target_flops_ratio {ratio} is below what this search space reaches: "
-                          f"its MACs ratios span [{smallest:.3f}, 1.0]")
+                        f"its {'MACs' if costs.kind == 'macs' else 'latency'} ratios span [{smallest:.3f}, 1.0]")
   return smallest, 1.0
 
 
@@ -105,8 +135,9 @@ class Problem:
   w_tx: optax.GradientTransformation
   a_tx: optax.GradientTransformation
   lr_fn: Any
-  max_cost: float  # the unpruned network's cost, in the cost's unit: MACs, or predicted seconds with latency tables
-  target_macs: float
+  costs: CostModel
+  max_cost: float  # the unpruned network's cost, in the cost model's unit (MACs or seconds)
+  target_cost: float
   band: str
   tolerance: float
   cost_weight: float
@@ -116,13 +147,6 @@ class Problem:
   seed: int
   arch_bn: bool
   freeze_undrawn: bool = True
-  tables: Any = None  # latency_table.LatencyTables for a latency-aware search, else None (MACs)
-
-
-COSTS = ("macs", "latency")
-
-
-VALID_SAMPLING = ("replacement", "shuffle")
 
 
 # Official best genotype: the best search-validation accuracy among epochs whose cost ratio lies within this
@@ -130,32 +154,35 @@ VALID_SAMPLING = ("replacement", "shuffle")
 BEST_BAND = 0.05
 
 
-def build(config, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3, streaming=False,
-          tables=None):
+def build(settings: SearchSettings | Mapping, num_classes: int, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3,
+          streaming=False, tables=None, targets: list[float] | None = None, image_size: int | None = None):
   """The search problem and its initial state ``{weights, arch, stats, w_opt, a_opt, step}``.
 
-  With latency ``tables`` the cost is predicted latency and the target is
-  ``target_flops_ratio`` times the unpruned network's (or ``target_latency_ms``).
+  ``image_size`` is the side of the images the supernet is given (default
+  the preset's), at which costs are counted. With latency ``tables`` the cost
+  is predicted latency. ``targets`` are the
+  cost targets as ratios of the unpruned network's cost (default the
+  settings' ``targets`` or ``target_flops_ratio``); each is checked against
+  what the space reaches.
   """
-  base = base_shape(config, num_classes)
-  model = supernet.build(base, supernet_config(config), seed=int(config.seed))
-  for ratio in target_ratios(config):
-    check_target(model.space, ratio, bool(config.exact_cost), tables)
+  settings = SearchSettings.resolve(settings)
+  base = base_shape(settings.model, num_classes, image_size)
+  model = supernet.build(base, supernet_config(settings), seed=settings.seed)
+  costs = CostModel(model.space, settings.exact_cost, tables)
+  targets = settings.target_ratios() if targets is None else targets
+  for ratio in targets:
+    check_target(costs, ratio)
   graphdef, weights, arch, stats = supernet.split(model)
-  lr_fn = schedules.lr_schedule(config.get("lr_schedule", "cosine"), config.lr, config.epochs, steps_per_epoch,
-                                warmup_epochs=config.warmup_epochs)
-  w_tx = optim.weight_optimizer(lr_fn, momentum=config.momentum, nesterov=config.nesterov,
-                                weight_decay=config.weight_decay)
-  a_tx = optim.arch_optimizer(config.arch_lr, b1=config.arch_b1, b2=config.arch_b2,
-                              weight_decay=config.arch_weight_decay)
-  if tables is None:
-    max_cost = float(cost_lib.count(base).macs)
-  else:
-    max_cost = _latency_of(model.space, tables, base)
-  problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, max_cost, target_ratios(config)[0] * max_cost,
-                    config.cost_band, float(config.cost_tolerance), float(config.cost_weight), tuple(mean), tuple(std),
-                    streaming, int(config.seed), bool(config.get("arch_step_updates_bn", True)),
-                    bool(config.get("freeze_undrawn_bn", True)), tables)
+  lr_fn = schedules.lr_schedule(settings.lr_schedule, settings.lr, settings.epochs, steps_per_epoch,
+                                warmup_epochs=settings.warmup_epochs)
+  w_tx = optim.weight_optimizer(lr_fn, momentum=settings.momentum, nesterov=settings.nesterov,
+                                weight_decay=settings.weight_decay)
+  a_tx = optim.arch_optimizer(settings.arch_lr, b1=settings.arch_b1, b2=settings.arch_b2,
+                              weight_decay=settings.arch_weight_decay)
+  max_cost = costs.unpruned()
+  problem = Problem(graphdef, model.space, w_tx, a_tx, lr_fn, costs, max_cost, targets[0] * max_cost,
+                    settings.cost_band, settings.cost_tolerance, settings.cost_weight, tuple(mean), tuple(std),
+                    streaming, settings.seed, settings.arch_step_updates_bn, settings.freeze_undrawn_bn)
   state = {"weights": weights, "arch": arch, "stats": stats, "w_opt": w_tx.init(weights), "a_opt": a_tx.init(arch),
            "step": jnp.zeros((), jnp.int32)}
   return problem, state
@@ -165,20 +192,6 @@ def _augment(problem: Problem, key, images):
   if problem.streaming:
     return data_lib.flip_and_normalize(key, images, problem.mean, problem.std)
   return data_lib.augment_cifar(key, images, problem.mean, problem.std)
-
-
-def model_costs(problem: Problem, model: supernet.Supernet, forward_costs=None):
-  """(expected, discrete) cost as floats: MACs (from the forward when given), or latency from the tables."""
-  wi, di = model.argmax()
-  space = problem.space
-  if problem.tables is None:
-    if forward_costs is None:
-      return None, cost_lib.as_float(cost_lib.discrete_cost(space, wi, di, model.config.exact_cost))
-    return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
-  expected = cost_lib.table_cost(space, problem.tables, model.width_probs(), model.depth_probs())
-  discrete = cost_lib.table_cost(space, problem.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
-                                 jax.nn.one_hot(di, space.depth_table.shape[1]))
-  return expected, jax.lax.stop_gradient(discrete)
 
 
 def weight_step(problem: Problem, state, batch, keys, tau):
@@ -229,7 +242,7 @@ def arch_step(problem: Problem, state, batch, keys, tau, target):
   def loss_fn(arch):
     logits, costs, new_stats = supernet.apply(g, weights, arch, stats, x, k_sample, tau, train=True)
     ce = distill.cross_entropy(logits, batch["labels"])
-    expected, discrete = model_costs(problem, nnx.merge(g, weights, arch, stats, copy=True), costs)
+    expected, discrete = problem.costs.of_model(nnx.merge(g, weights, arch, stats, copy=True), costs)
     c_loss = cost_lib.cost_loss(expected, discrete, target, problem.max_cost, band=problem.band,
                                 tolerance=problem.tolerance, weight=problem.cost_weight)
     return ce + c_loss, (new_stats, ce, c_loss, expected, logits)
@@ -257,12 +270,12 @@ def search_step(problem: Problem, state, train_batch, valid_batch, tau, target=N
   serves every epoch, and ``jax.vmap`` over states and targets searches for
   several targets at once. Keys come from ``fold_in(seed, step)``.
   """
-  target = problem.target_macs if target is None else target
+  target = problem.target_cost if target is None else target
   w_keys, a_keys = step_keys(problem, state["step"])
   state, w_metrics = weight_step(problem, state, train_batch, w_keys, tau)
   state, a_metrics = arch_step(problem, state, valid_batch, a_keys, tau, target)
   model = model_of(problem, state)
-  _, discrete = model_costs(problem, model)
+  _, discrete = problem.costs.of_model(model)
   new_state = {**state, "step": state["step"] + 1}
   metrics = {**w_metrics, **a_metrics, "flops_ratio": discrete / problem.max_cost,
              "lr": problem.lr_fn(state["step"]), "tau": jnp.asarray(tau, jnp.float32)}
@@ -285,9 +298,9 @@ def compile_step(problem: Problem, run_mesh, targets=None):
   return jax.jit(multi, donate_argnums=(0,), out_shardings=(repl, repl))
 
 
-def tau_at(config, epoch: int) -> float:
-  fn = schedules.tau_schedule(config.tau_schedule, tau_max=config.tau_max, tau_min=config.tau_min)
-  return float(fn(epoch, config.epochs))
+def tau_at(settings: SearchSettings, epoch: int) -> float:
+  fn = schedules.tau_schedule(settings.tau_schedule, tau_max=settings.tau_max, tau_min=settings.tau_min)
+  return float(fn(epoch, settings.epochs))
 
 
 def arch_probabilities(problem: Problem, state) -> dict:
@@ -359,17 +372,6 @@ def hard_logits_fn(problem: Problem):
     return logits
 
   return fn
-
-
-def cost_of(problem: Problem, shape: shapes.Shape) -> float:
-  """The search's cost of a shape: exact MACs, or predicted latency in seconds."""
-  if problem.tables is None:
-    return float(cost_lib.count(shape).macs)
-  return _latency_of(problem.space, problem.tables, shape)
-
-
-def target_tag(ratio: float) -> str:
-  return f"{ratio:g}"
 
 
 def export_at(problem: Problem, state, shape: shapes.Shape | None = None):

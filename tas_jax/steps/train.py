@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +30,7 @@ from tas_jax.core import cost as cost_lib
 from tas_jax.core import distill, optim, schedules, shapes
 from tas_jax.nets import resnet
 from tas_jax.runtime import parallel, runs
-
-
-BUDGETS = ("epochs", "flops")
-
-
-SCRATCH_B_RULES = ("cifar", "imagenet")
-
-
-COLOR_AUGMENT = ("auto", "on", "off")
-
-
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+from tas_jax.runtime.settings import TrainSettings
 
 
 # Configuration keys that change a run's trajectory: a checkpoint written under
@@ -53,25 +42,19 @@ FINGERPRINT_KEYS = ("mode", "model", "shape", "teacher", "init_from", "budget", 
                     "finetune_lr_schedule", "finetune_milestones", "dtype", "seed")
 
 
-def color_augment(config, streaming: bool) -> bool:
+def color_augment(cfg: TrainSettings, streaming: bool) -> bool:
   """Whether training adds TAS's ImageNet colour jitter and PCA lighting: ``auto`` turns them on for streamed sets.
 
   Streamed datasets are the ImageNet-style ones (random resized crops on the
   host), where the official TAS training adds both; CIFAR-style in-memory
   sets do not.
   """
-  value = config.get("color_augment", "auto")
-  if value not in COLOR_AUGMENT:
-    raise runs.RunError(f"color_augment must be one of {', '.join(COLOR_AUGMENT)}, got {value!r}")
-  return value == "on" or (value == "auto" and bool(streaming))
+  return cfg.color_augment == "on" or (cfg.color_augment == "auto" and bool(streaming))
 
 
-def compute_dtype(config):
-  """``config.dtype`` as a JAX dtype for the network's computation (None: float32)."""
-  name = config.get("dtype", "float32")
-  if name not in DTYPES:
-    raise runs.RunError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-  return DTYPES[name]
+def compute_dtype(cfg: TrainSettings):
+  """The settings' dtype as a JAX dtype for the network's computation (None: float32)."""
+  return jnp.bfloat16 if cfg.dtype == "bfloat16" else None
 
 
 def scratch_b_epochs(epochs: int, full_macs: int, macs: int) -> int:
@@ -157,24 +140,19 @@ class Plan:
                                  gamma=self.gamma, official_tail=self.official_tail)
 
 
-def make_plan(config, shape: shapes.Shape) -> Plan:
-  """The epochs and learning-rate schedule of a run of ``config`` on ``shape`` (see the module docstring)."""
-  mode = config.mode
-  budget = config.get("budget", "epochs")
-  if budget not in BUDGETS:
-    raise runs.RunError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
-  ratio = 1.0
-  tail = False
-  if mode == "finetune":
-    epochs, lr, kind = int(config.finetune_epochs), float(config.finetune_lr), config.finetune_lr_schedule
-    milestones, warm = tuple(config.get("finetune_milestones") or ()), 0
+def make_plan(cfg: TrainSettings | Mapping, shape: shapes.Shape) -> Plan:
+  """The epochs and learning-rate schedule of a run of ``cfg`` on ``shape`` (see the module docstring)."""
+  cfg = TrainSettings.resolve(cfg)
+  ratio, tail = 1.0, False
+  if cfg.mode == "finetune":
+    epochs, lr, kind = cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_lr_schedule
+    milestones, warm = cfg.finetune_milestones, 0
   else:
-    epochs, lr, kind = int(config.epochs), float(config.lr), config.lr_schedule
-    milestones, warm = tuple(config.get("milestones") or ()), int(config.get("warmup_epochs", 0))
-    tail = bool(config.get("official_tail", False))
-    if budget == "flops" and mode in ("scratch", "kd"):
+    epochs, lr, kind = cfg.epochs, cfg.lr, cfg.lr_schedule
+    milestones, warm, tail = cfg.milestones, cfg.warmup_epochs, cfg.official_tail
+    if cfg.budget == "flops" and cfg.mode in ("scratch", "kd"):
       full, mine = cost_lib.count(shapes.full_shape(shape)).macs, cost_lib.count(shape).macs
-      if config.get("scratch_b_rule", "cifar") == "imagenet":
+      if cfg.scratch_b_rule == "imagenet":
         new, milestones = scratch_b_imagenet(epochs, full, mine)
       else:
         new = scratch_b_epochs(epochs, full, mine)
@@ -182,11 +160,9 @@ def make_plan(config, shape: shapes.Shape) -> Plan:
       ratio, epochs = full / mine, new
   if epochs < 1:
     raise runs.RunError(f"a run needs at least 1 epoch, got {epochs}")
-  if kind not in schedules.LR_SCHEDULES:
-    raise runs.RunError(f"lr_schedule must be one of {', '.join(schedules.LR_SCHEDULES)}, got {kind!r}")
   warm = effective_warmup(warm, epochs)
   return Plan(epochs + warm if tail else epochs, epochs, warm, lr, kind, tuple(int(m) for m in milestones),
-              float(config.get("gamma", 0.1)), tail, ratio, bool(config.get("lr_per_epoch", False)))
+              cfg.gamma, tail, ratio, cfg.lr_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -208,14 +184,14 @@ class Problem:
   color: bool = False  # TAS's ImageNet colour jitter and PCA lighting (see color_augment)
 
 
-def build(config, net: resnet.ResNet, plan: Plan, steps_per_epoch: int, mean=(0.5,) * 3, std=(0.25,) * 3,
-          streaming: bool = False, teacher: resnet.ResNet | None = None):
+def build(cfg: TrainSettings | Mapping, net: resnet.ResNet, plan: Plan, steps_per_epoch: int, mean=(0.5,) * 3,
+          std=(0.25,) * 3, streaming: bool = False, teacher: resnet.ResNet | None = None):
   """The problem, the initial state ``{params, stats, opt, step}`` and the teacher's variables (or None)."""
+  cfg = TrainSettings.resolve(cfg)
   lr_fn = plan.lr_fn(steps_per_epoch)
-  tx = optim.weight_optimizer(lr_fn, momentum=float(config.momentum), nesterov=bool(config.nesterov),
-                              weight_decay=float(config.weight_decay))
-  if bn_l1(config) > 0:  # Network Slimming's sparsity training: the penalty's subgradient, then the optimiser
-    tx = optax.chain(optim.bn_l1_subgradient(bn_l1(config)), tx)
+  tx = optim.weight_optimizer(lr_fn, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+  if cfg.bn_l1 > 0:  # Network Slimming's sparsity training: the penalty's subgradient, then the optimiser
+    tx = optax.chain(optim.bn_l1_subgradient(cfg.bn_l1), tx)
   net.train()
   graphdef, params, stats = nnx.split(net, nnx.Param, nnx.BatchStat)
   net.eval()
@@ -225,10 +201,9 @@ def build(config, net: resnet.ResNet, plan: Plan, steps_per_epoch: int, mean=(0.
     teacher.eval()
     teacher_graphdef, tp, ts = nnx.split(teacher, nnx.Param, nnx.BatchStat)
     teacher_vars = {"params": tp, "stats": ts}
-  problem = Problem(graphdef, eval_graphdef, tx, lr_fn, tuple(mean), tuple(std), bool(streaming), int(config.seed),
-                    float(config.get("label_smoothing", 0.0)), teacher_graphdef,
-                    float(config.get("kd_alpha", 0.9)), float(config.get("kd_temperature", 4.0)),
-                    color_augment(config, streaming))
+  problem = Problem(graphdef, eval_graphdef, tx, lr_fn, tuple(mean), tuple(std), bool(streaming), cfg.seed,
+                    cfg.label_smoothing, teacher_graphdef, cfg.kd_alpha, cfg.kd_temperature,
+                    color_augment(cfg, streaming))
   state = {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   return problem, state, teacher_vars
 
@@ -241,7 +216,7 @@ def _augment(problem: Problem, key, images):
   return data_lib.augment_cifar(key, images, problem.mean, problem.std)
 
 
-def augment_fingerprint(config, problem: Problem) -> dict:
+def augment_fingerprint(cfg: TrainSettings, problem: Problem) -> dict:
   """Checkpoint fingerprint entries for choices added after the key list: present only when they change training.
 
   Runs that do not use them keep the fingerprint their checkpoints were
@@ -250,16 +225,11 @@ def augment_fingerprint(config, problem: Problem) -> dict:
   out = {}
   if problem.color:
     out["color_augment"] = True
-  if config.get("budget", "epochs") == "flops" and config.get("scratch_b_rule", "cifar") != "cifar":
-    out["scratch_b_rule"] = config.scratch_b_rule
-  if bn_l1(config) > 0:
-    out["bn_l1"] = bn_l1(config)
+  if cfg.budget == "flops" and cfg.scratch_b_rule != "cifar":
+    out["scratch_b_rule"] = cfg.scratch_b_rule
+  if cfg.bn_l1 > 0:
+    out["bn_l1"] = cfg.bn_l1
   return out
-
-
-def bn_l1(config) -> float:
-  """Network Slimming's L1 strength on batch-norm scales (``config.bn_l1``; 0: none)."""
-  return float(config.get("bn_l1", 0.0) or 0.0)
 
 
 def mean_abs_gamma(params) -> float:
