@@ -199,3 +199,29 @@ def test_sigkill_while_saving_never_leaves_a_corrupt_checkpoint(tmp_path, train_
   events = interrupt_until_done(cmd, workdir, [(signal.SIGKILL, "save")] * 4, rng, delay_s=0)
   assert sum(e["in_save"] for e in events) >= 2, events
   assert_same_training(workdir, train_reference)
+
+
+def test_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, train_reference):
+  """Catches a full disk ending in writer-thread tracebacks, or leaving no usable checkpoint.
+
+  Needs to mount a small tmpfs (root on Linux); skipped where it cannot.
+  """
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    workdir = mount / "run"
+    cmd = command("train", f"{TRAIN_CONFIG}:smoke", workdir, *as_args(TRAIN))
+    full = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    lines = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"no space left on the device of {workdir}" in lines[0], full.stderr[-3000:]
+    assert "MiB free" in lines[0] and "Rerun the same command to resume" in lines[0]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_training(workdir, train_reference)
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -31,8 +32,9 @@ from flax import nnx
 
 import data_fixtures
 from conftest import ROOT
+from tas_jax.cli import compare as compare_cli
 from tas_jax.configs import train as train_configs
-from tas_jax.runtime import checkpoint, models, runs, metrics
+from tas_jax.runtime import checkpoint, files, models, runs, metrics
 from tas_jax.runtime.settings import TrainSettings
 
 # Orbax leaves failed read coroutines behind when a restore of a damaged step fails.
@@ -482,6 +484,49 @@ def test_two_runs_on_one_directory_one_runs_the_other_is_refused(reference, tmp_
   done, ref = (json.loads((pathlib.Path(d) / "result.json").read_text()) for d in (workdir, reference))
   assert {k: v for k, v in done.items() if k not in timings} == {k: v for k, v in ref.items() if k not in timings}
   assert not (workdir / ".lock").read_text()  # released: the holder's record is cleared
+
+
+FULL_DISK = """
+import errno, os, sys
+from tas_jax.cli import common
+
+def main(config, workdir):
+  os.makedirs(os.path.join(workdir, "checkpoints", "4"))
+  os.makedirs(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp"))
+  try:
+    raise OSError(errno.ENOSPC, "No space left on device")
+  except OSError as e:  # as TensorStore reports it, with the OSError as its context
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "x"') from e
+
+common.launch(main)
+"""
+
+
+def test_full_disk_is_one_line_naming_the_path_the_free_space_and_the_kept_checkpoint(tmp_path):
+  """Catches a full disk reported as a raw TensorStore message (or a traceback) instead of what to do."""
+  workdir = tmp_path / "run"
+  out = subprocess.run([sys.executable, "-c", FULL_DISK, "--config", f"{TRAIN_CONFIG}:smoke", f"--workdir={workdir}"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = error_lines(out.stderr)
+  assert len(lines) == 1, out.stderr[-2000:]
+  assert re.match(rf"error: no space left on the device of {re.escape(str(workdir))} \([\d.]+ MiB free\): the write "
+                  r"in progress was abandoned and the last complete checkpoint, step 4, is kept\. Free some space\. "
+                  r"Rerun the same command to resume: ", lines[0]), lines[0]
+
+
+def test_unusable_output_paths_are_refused_before_work(tmp_path, capsys):
+  """Catches compare --out ending in a traceback after the work (a missing directory, a path under a file)."""
+  (tmp_path / "a-file").write_text("x")
+  assert compare_cli.main([str(tmp_path), "--out", str(tmp_path / "a-file" / "table.md")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: --out: cannot write {tmp_path / 'a-file' / 'table.md'}: {tmp_path / 'a-file'} is a file, "
+                 "not a directory"]
+  assert compare_cli.main([str(tmp_path), "--json", str(tmp_path)]) == 2
+  assert "is a directory; name a file" in capsys.readouterr().err
+  assert files.output_problem(str(tmp_path / "new" / "dir" / "table.md")) is None  # created when written
+  files.write_text(str(tmp_path / "new" / "dir" / "table.md"), "t")
+  assert (tmp_path / "new" / "dir" / "table.md").read_text() == "t"
 
 
 # ----------------------------------------------------------------------------- non-finite losses

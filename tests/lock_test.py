@@ -62,3 +62,10 @@ def test_lock_of_a_dead_holder_is_taken_over_with_a_warning(tmp_path, caplog):
 
 def test_remote_paths_are_not_locked():
   assert lock.lock("gs://bucket/run") is None
+
+
+def test_unusable_directory_is_one_clear_error(tmp_path):
+  """Catches a work directory under a file ending in a raw OSError traceback."""
+  (tmp_path / "a-file").write_text("x")
+  with pytest.raises(runs.RunError, match=r"cannot use .*a-file/run as a run directory: Not a directory"):
+    runs.start(str(tmp_path / "a-file" / "run"), {}, seed=0)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tas_jax.runtime import metrics as metrics_lib
 from tas_jax.runtime.metrics import MetricWriter, Progress, read_metrics
 from tas_jax.runtime.preemption import PreemptionGuard
 
@@ -148,9 +149,35 @@ def test_progress_rate_limits_plain_lines():
   with Progress(1000, stream=stream, log_every_s=3600.0) as progress:
     for _ in range(999):
       progress.update()
-  # Nothing until the end, then one final line.
-  assert stream.getvalue().count("\n") == 1
-  assert "999/1000" in stream.getvalue()
+  # Nothing until the end but the first step's time, then one final line.
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 2 and lines[0].startswith("first step") and "999/1000" in lines[1]
+
+
+def test_eta_counts_from_the_steady_state_not_the_compiling_first_step(monkeypatch):
+  """Catches an ETA that spreads the first step's compilation over every step (20 min announced for 2), and a
+  log whose first ETA comes only after the slow cadence (a short run would show none)."""
+  clock = [0.0]
+  monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: clock[0])
+  stream = io.StringIO()
+  progress = Progress(100, stream=stream, log_every_s=3600.0)
+  clock[0] = 120.0  # the first step compiles for two minutes
+  progress.update()
+  for _ in range(9):  # then a second a step
+    clock[0] += 1.0
+    progress.update()
+  line = progress.line()
+  assert "1 it/s" in line and "ETA 0:01:30" in line, line  # 90 steps left at 1 step/s
+  # A log gets its first ETA five steady seconds after compilation (step 6: 94 left), then at its cadence.
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("first step 0:02:00 (compilation included")
+  assert lines[1].startswith("6/100") and "ETA 0:01:34" in lines[1], lines[1]
+  clock[0] += 30.0  # the first evaluation compiles: left out of the rate too
+  progress.exclude(30.0)
+  clock[0] += 1.0
+  progress.update()
+  assert "1 it/s" in progress.line() and "ETA 0:01:29" in progress.line(), progress.line()
 
 
 def test_preemption_guard_sigterm_sets_flag_and_restores_handlers():

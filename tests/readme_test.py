@@ -41,7 +41,12 @@ def test_the_library_snippets_run_outside_the_repository(tmp_path):
   from flax import nnx
   net = resnet.build(shape_files.preset("resnet8"), seed=0)
   models.save_model(str(tmp_path / "runs" / "kd-r20" / "model"), net.shape, nnx.state(net, nnx.Param),
-                    nnx.state(net, nnx.BatchStat))
+                    nnx.state(net, nnx.BatchStat),
+                    inference={"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32, "num_classes": 10,
+                               "class_names": [str(i) for i in range(10)], "dataset": "synthetic"})
+  # ... and its export, which the deployment example loads.
+  from tas_jax.programs import export
+  export.export_run(str(tmp_path / "runs" / "kd-r20"), str(tmp_path / "exported" / "kd-r20"))
   for code in snippets:
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=600)

@@ -64,8 +64,16 @@ def test_step_compiles_once():
   assert np.isfinite(float(m["arch_loss"]))
 
 
-def test_one_and_eight_devices_agree(tmp_path):
+def test_one_and_eight_devices_agree(tmp_path, capfd):
   r1 = search.run(tiny_config(num_devices=1), str(tmp_path / "d1"))
+  # The console: one summary line per epoch with the figures a search user watches, from the logged records.
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("epoch ")]
+  assert len(lines) == 2, lines
+  last = [json.loads(l) for l in open(tmp_path / "d1" / "metrics.jsonl") if '"val_acc"' in l][-1]
+  assert lines[1].startswith(f"epoch 2/2; tau {last['tau']:.3f}; lr {last['epoch_lr']:.4g}; argmax MACs ratio "
+                             f"{last['flops_ratio_exact']:.3f} ({last['macs']:,} MACs), expected "
+                             f"{last['epoch_expected_flops_ratio']:.3f}, band [0.450, 0.500], val acc "
+                             f"{last['val_acc']:.4f}"), lines[1]
   r8 = search.run(tiny_config(num_devices=8), str(tmp_path / "d8"))
   assert r1["macs"] == r8["macs"]
   assert shape_files.load(str(tmp_path / "d1" / "shape.json")) == shape_files.load(str(tmp_path / "d8" / "shape.json"))

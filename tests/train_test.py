@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +12,18 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT
+from tas_jax import data
 from tas_jax.cli import latency as latency_cli
 from tas_jax.configs import train as train_configs
-from tas_jax.core import cost, shapes
-from tas_jax.core import shape_files
+from tas_jax.core import cost, shape_files, shapes
+from tas_jax.latency import measure as latency
+from tas_jax.nets import resnet, surgery
+from tas_jax.programs import train
+from tas_jax.runtime import models, runs, settings
+from tas_jax.runtime.settings import TrainSettings
+from tas_jax.steps import train as train_lib
 
 # resnet8 with a pruned stage-1 block whose input (16) and output (12) widths
-from tas_jax import data
-from tas_jax.programs import train
-from tas_jax.nets import surgery
-from tas_jax.runtime import models
-from tas_jax.steps import train as train_lib
-from tas_jax.runtime import runs, settings
-from tas_jax.runtime.settings import TrainSettings
-from tas_jax.latency import measure as latency
-from tas_jax.nets import resnet
 # differ: a stride-1 projection the unpruned network does not have.
 PRUNED = shape_files.preset("resnet8").replace(widths=(16, 8, 12, 24, 32, 48, 64))
 
@@ -73,6 +71,13 @@ def test_base_run_outputs(base_run):
   losses = records(base_run)
   assert [s for s, _ in losses] == [2, 4, 6, 8]
   assert {"lr", "train_acc"} <= set(json.loads(open(os.path.join(base_run, "metrics.jsonl")).readline()))
+
+
+def test_epoch_line_names_the_figures_of_the_epoch():
+  """Catches an epoch summary that drops the evaluation of the epoch or shows another epoch's number."""
+  t = types.SimpleNamespace(plan=types.SimpleNamespace(epochs=30))
+  record = {"epoch_loss": 1.23456, "epoch_train_acc": 0.5, "epoch_lr": 0.05, "test_top1": 0.61234, "step": 40}
+  assert train.epoch_line(t, 3, record) == "epoch 4/30; loss 1.2346; train acc 0.5000; lr 0.05; test top-1 0.6123"
 
 
 def test_load_model_round_trip(base_run):
@@ -209,6 +214,16 @@ def _save(shape, tmp_path):
   path = str(tmp_path / "shape.json")
   shape_files.save(shape, path)
   return path
+
+
+def test_latency_of_a_network_against_itself_is_exactly_one(capsys):
+  """Catches the unpruned network timed apart from the row it is compared with (a speedup of 0.43 against itself)."""
+  assert latency_cli.main(["resnet8", "resnet8", "tas-c10-resnet20", "--batch_sizes", "2", "--runs", "3", "--warmup",
+                           "0", "--json"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [r["speedup"] for r in rows[:2]] == [1.0, 1.0]
+  assert rows[0]["median_ms"] == rows[1]["median_ms"]  # one network, measured once
+  assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in rows)
 
 
 def test_measure_latency_and_cli(capsys):

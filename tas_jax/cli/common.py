@@ -97,7 +97,7 @@ def command() -> str:
 
 
 def _errors():
-  return (runs.RunError, lock.Held, settings.SettingsError, shapes.ShapeError, data.DataError, checkpoint.CheckpointError)
+  return (runs.RunError, lock.LockError, settings.SettingsError, shapes.ShapeError, data.DataError, checkpoint.CheckpointError)
 
 
 def one_line(error: BaseException) -> str:

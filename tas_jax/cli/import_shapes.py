@@ -16,6 +16,7 @@ import sys
 
 from tas_jax.core import shapes
 from tas_jax.core import shape_files
+from tas_jax.runtime import files
 
 
 def preset_name(filename: str) -> str:
@@ -43,11 +44,14 @@ def main(argv=None) -> int:
   try:
     if not os.path.isdir(args.source):
       raise shapes.ShapeError(f"not a folder: {args.source}")
+    problem = files.output_problem(os.path.join(args.out, "preset.json"))
+    if problem:
+      raise shapes.ShapeError(f"--out: {problem}")
     os.makedirs(args.out, exist_ok=True)
-    files = sorted(f for f in os.listdir(args.source) if f.endswith(".config"))
-    if not files:
+    configs = sorted(f for f in os.listdir(args.source) if f.endswith(".config"))
+    if not configs:
       raise shapes.ShapeError(f"no .config files in {args.source}")
-    for f in files:
+    for f in configs:
       shape = shape_files.load_official(os.path.join(args.source, f))
       path = os.path.join(args.out, preset_name(f) + ".json")
       shape_files.save(shape, path)

@@ -6,8 +6,10 @@
 SHAPE is a preset name, a project shape JSON file or an official TAS ``.config``
 file. Each shape's pruned network runs in eval mode, jitted per batch size:
 one compiling call, a few warm-up calls, then the median of ``--runs`` timed
-calls (tas_jax.latency.measure.measure_latency). ``speedup`` is the unpruned network's
-median time over this one's, measured the same way.
+calls, the networks of a batch size timed in turn, round after round, so that
+they share the machine's state (tas_jax.latency.measure.compare_latency).
+``speedup`` is the unpruned network's median over this one's, from the same
+rounds: an unpruned network against itself is exactly 1.00.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import jax.numpy as jnp
 
 from tas_jax.core import cost, shapes
 from tas_jax.core import shape_files
-
-
 from tas_jax.latency import measure as latency
+
+
 def _batch_sizes(text: str) -> list[int]:
   try:
     sizes = [int(v) for v in text.split(",") if v.strip()]
@@ -59,35 +61,34 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-  full_times: dict = {}
   records = []
-  for spec, shape in resolved:
-    c = cost.count(shape)
-    full = shapes.full_shape(shape)
-    for bs in args.batch_sizes:
-      m = latency.measure_latency(shape, bs, args.runs, warmup=args.warmup, dtype=dtype)
-      r = {"shape": spec, "macs": c.macs, "params": c.params, "ratio": c.macs / cost.count(full).macs,
-           "dtype": args.dtype, **m}
-      if not args.no_speedup:
-        if (full, bs) not in full_times:
-          full_times[(full, bs)] = (m["median_ms"] if full == shape else
-                                    latency.measure_latency(full, bs, args.runs, warmup=args.warmup,
-                                                            dtype=dtype)["median_ms"])
-        r["speedup"] = full_times[(full, bs)] / m["median_ms"]
+  for bs in args.batch_sizes:
+    # The unpruned networks are measured in the same interleaved rounds as the shapes they are compared with.
+    fulls = [] if args.no_speedup else [shapes.full_shape(shape) for _, shape in resolved]
+    timed = latency.compare_latency([shape for _, shape in resolved] + fulls, bs, args.runs, warmup=args.warmup,
+                                    dtype=dtype)
+    for i, (spec, shape) in enumerate(resolved):
+      c = cost.count(shape)
+      full_macs = cost.count(shapes.full_shape(shape)).macs
+      r = {"shape": spec, "macs": c.macs, "params": c.params, "ratio": c.macs / full_macs, "dtype": args.dtype,
+           **timed[i]}
+      if fulls:
+        r["speedup"] = timed[len(resolved) + i]["median_ms"] / timed[i]["median_ms"]
       records.append(r)
       if args.json:
         print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
   if not args.json:
-    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {args.dtype}, "
-          f"median of {args.runs} runs")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {args.dtype}; median, min and "
+          f"max of {args.runs} runs, the networks timed in turn; speedup: the unpruned network's median over this "
+          f"one's, from the same rounds")
     head = f"{'shape':<28} {'MACs':>14} {'params':>10} {'ratio':>6} {'batch':>6} {'median ms':>10} " \
-           f"{'images/s':>11} {'speedup':>8}"
+           f"{'min ms':>9} {'max ms':>9} {'images/s':>11} {'speedup':>8}"
     print(head)
     print("-" * len(head))
     for r in records:
       speed = f"{r['speedup']:>8.2f}" if "speedup" in r else f"{'-':>8}"
       print(f"{r['shape']:<28} {r['macs']:>14,} {r['params']:>10,} {r['ratio']:>6.3f} {r['batch_size']:>6} "
-            f"{r['median_ms']:>10.3f} {r['images_per_s']:>11.1f} {speed}")
+            f"{r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {r['images_per_s']:>11.1f} {speed}")
   return 0
 
 

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     summary = protocol.run(args.shape, args.teacher, args.seeds, args.workdir, recipe=args.recipe,
                            inherit=args.inherit, overrides=args.set, variants=variants, label=args.label,
                            latency_batch_sizes=args.latency_batch_sizes, latency_runs=args.latency_runs)
-  except (protocol.ProtocolError, baselines.PruneError, shapes.ShapeError, runs.RunError, lock.Held, data.DataError,
+  except (protocol.ProtocolError, baselines.PruneError, shapes.ShapeError, runs.RunError, lock.LockError, data.DataError,
           checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

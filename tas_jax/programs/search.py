@@ -165,9 +165,34 @@ def _search(s: _Search, state):
     s.ckpt.save(step, state, meta=runs.checkpoint_meta({"epoch": step // s.spe, "step": step}, carry), force=True)
 
   loop = loop_lib.make_loop(run_, programs.cadence(cfg), total_steps=s.total, steps_per_epoch=s.spe, save=save,
-                            on_epoch=on_epoch, resumed=runs.resumed_carry(s.meta))
+                            on_epoch=on_epoch, resumed=runs.resumed_carry(s.meta), headline=HEADLINE,
+                            epoch_line=lambda epoch, record: epoch_line(s, epoch, record))
   state = loop_lib.drive(run_, loop, state, s.start, one_step, prefetch, s.ckpt)
   return state, min(s.total, s.start + loop.stop_after)
+
+
+# What the progress line shows of a search step's metrics.
+HEADLINE = ("flops_ratio", "expected_flops_ratio", "weight_loss", "train_acc", "tau")
+
+
+def epoch_line(s: _Search, epoch: int, r: dict) -> str:
+  """One epoch of a search in a line: tau, learning rate, per target the argmax and expected cost ratios against
+  the band and the search-validation accuracies, and the training loss."""
+  problem, kind = s.problem, "MACs" if s.problem.costs.kind == "macs" else "latency"
+  parts = [f"epoch {epoch + 1}/{s.cfg.epochs}", f"tau {r.get('tau', float('nan')):.3f}",
+           f"lr {r.get('epoch_lr', float('nan')):.4g}"]
+  for i, target in enumerate(s.targets):
+    sfx = s.suffix(i)
+    lo, hi = (b / problem.max_cost for b in cost_lib.cost_band(target * problem.max_cost, problem.max_cost,
+                                                                problem.band, problem.tolerance))
+    expected = r.get("epoch_expected_flops_ratio")
+    parts.append(f"{f'target {settings.target_tag(target)}: ' if s.multi else ''}argmax {kind} ratio "
+                 f"{r[f'flops_ratio_exact{sfx}']:.3f} ({int(r[f'macs{sfx}']):,} MACs)"
+                 f"{f', expected {expected:.3f}' if expected is not None and not s.multi else ''}, band "
+                 f"[{lo:.3f}, {hi:.3f}], val acc {r[f'val_acc{sfx}']:.4f} (argmax net {r[f'val_acc_argmax{sfx}']:.4f})")
+  if "epoch_weight_loss" in r:
+    parts.append(f"train loss {r['epoch_weight_loss']:.4f}, acc {r.get('epoch_train_acc', float('nan')):.4f}")
+  return "; ".join(parts)
 
 
 def _epoch_record(s: _Search, st, i: int, epoch: int, tau: float, eval_fn, search_eval_fn) -> dict:
@@ -219,7 +244,7 @@ def _target_result(s: _Search, st, i: int) -> dict:
   # Replicated over the run's devices: Orbax writes global arrays, also when several processes share the run.
   variables = runs.replicate(run_, {"params": nnx.state(net, nnx.Param), "stats": nnx.state(net, nnx.BatchStat)})
   models.save_model(run_.path(f"{models.MODEL_DIR}{s.suffix(i)}"), shape, variables["params"], variables["stats"],
-                    run_.is_main)
+                    run_.is_main, runs.inference_record(s.dataset))
   if run_.is_main:
     shape_files.save(shape, run_.path(name))
     shape_files.save(argmax, run_.path(name.replace("shape", "shape_argmax")))

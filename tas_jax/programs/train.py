@@ -301,7 +301,8 @@ def _train(t: _Training, state):
         out["val_top1"], out["val_top5"] = t.val_eval(_variables(state))
         if out["val_top1"] > t.best.get("val_top1", -1.0):
           t.best.update(epoch=epoch, val_top1=out["val_top1"], val_top5=out["val_top5"])
-          models.save_model(run_.path(models.BEST_DIR), t.shape, state["params"], state["stats"], run_.is_main)
+          models.save_model(run_.path(models.BEST_DIR), t.shape, state["params"], state["stats"], run_.is_main,
+                            runs.inference_record(t.dataset))
       if every and (epoch + 1) % every == 0 and epoch + 1 < t.plan.epochs:
         out["test_top1"], out["test_top5"] = t.test_eval(_variables(state))  # monitoring only, never selection
     return out
@@ -313,10 +314,25 @@ def _train(t: _Training, state):
       t.ckpt.save(step, state, meta=runs.checkpoint_meta(meta, carry), force=True)
 
   loop = loop_lib.make_loop(run_, programs.cadence(cfg), total_steps=t.total, steps_per_epoch=spe, save=save,
-                            on_epoch=on_epoch, resumed=runs.resumed_carry(t.meta))
+                            on_epoch=on_epoch, resumed=runs.resumed_carry(t.meta), headline=HEADLINE,
+                            epoch_line=lambda epoch, record: epoch_line(t, epoch, record))
   state = loop_lib.drive(run_, loop, state, t.start, lambda state, step: t.step_fn(state, next(prefetch),
                                                                                     t.teacher_vars), prefetch, t.ckpt)
   return state, min(t.total, t.start + loop.stop_after)
+
+
+# What the progress line shows of a training step's metrics.
+HEADLINE = ("loss", "train_acc", "lr")
+
+
+def epoch_line(t: _Training, epoch: int, r: dict) -> str:
+  """One epoch of training in a line: loss, training accuracy, learning rate, and the evaluations it had."""
+  parts = [f"epoch {epoch + 1}/{t.plan.epochs}", f"loss {r.get('epoch_loss', float('nan')):.4f}",
+           f"train acc {r.get('epoch_train_acc', float('nan')):.4f}", f"lr {r.get('epoch_lr', float('nan')):.4g}"]
+  for key, name in (("val_top1", "val top-1"), ("test_top1", "test top-1"), ("mean_abs_gamma", "mean |gamma|")):
+    if key in r:
+      parts.append(f"{name} {r[key]:.4f}")
+  return "; ".join(parts)
 
 
 def _result(t: _Training, state, t_start: float) -> dict:
@@ -327,7 +343,8 @@ def _result(t: _Training, state, t_start: float) -> dict:
   top1, top5 = t.test_eval(_variables(state))
   if t.start < t.total or not runs.logged(run_, t.total, "test_top1"):  # also after a kill right after the last step
     run_.writer.write(t.total, {"test_top1": top1, "test_top5": top5}, epoch=plan.epochs - 1)
-  models.save_model(run_.path(models.MODEL_DIR), t.shape, state["params"], state["stats"], run_.is_main)
+  models.save_model(run_.path(models.MODEL_DIR), t.shape, state["params"], state["stats"], run_.is_main,
+                    runs.inference_record(t.dataset))
   macs, full_macs = cost_lib.count(t.shape), cost_lib.count(shapes.full_shape(t.shape)).macs
   result = {"finished": True, "mode": cfg.mode, "recipe": cfg.recipe, "test_top1": top1,
             "test_top5": top5, "macs": macs.macs, "params": macs.params, "flops_ratio": macs.macs / full_macs,

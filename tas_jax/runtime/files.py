@@ -1,6 +1,6 @@
 """The files of a run directory: atomic writes and tolerant reads.
 
-Every result a program writes goes through :func:`write_text`: a reader sees
+Every result a program writes goes through :func:`write_bytes`: a reader sees
 the old file or the new one, never a part.
 """
 
@@ -13,13 +13,18 @@ from typing import Any
 from tas_jax.runtime import metrics as metrics_lib
 
 
-def write_text(path: str, text: str) -> None:
-  """Replaces ``path`` with ``text`` atomically: a reader sees the old file or the new one, never a part."""
+def write_bytes(path: str, data: bytes) -> None:
+  """Replaces ``path`` with ``data`` atomically: a reader sees the old file or the new one, never a part."""
   tmp = f"{path}.tmp{os.getpid()}"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(tmp, "w") as f:
-    f.write(text)
+  with open(tmp, "wb") as f:
+    f.write(data)
   os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Replaces ``path`` with ``text`` atomically (UTF-8)."""
+  write_bytes(path, text.encode())
 
 
 def output_problem(path: str) -> str | None:

@@ -25,13 +25,18 @@ import json
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("tas_jax")
 
 LOCK_FILE = ".lock"
 
 
-class Held(RuntimeError):
+class LockError(RuntimeError):
+  """The directory cannot be locked: another run holds it, or it cannot be created or written."""
+
+
+class Held(LockError):
   """Another live process holds the directory's lock; the message names it."""
 
 
@@ -62,12 +67,20 @@ class DirectoryLock:
     return self._fd is not None
 
   def acquire(self) -> "DirectoryLock":
-    """Takes the lock, or raises :class:`Held` naming the live holder."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Takes the lock, or raises :class:`Held` naming the live holder (:class:`LockError` for an unusable directory)."""
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise LockError(f"cannot use {os.path.dirname(self.path) or '.'} as a run directory: {e.strerror}") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = _read(fd)
+      for _ in range(20):  # a holder that has just taken the lock writes its record a moment later
+        if holder:
+          break
+        time.sleep(0.05)
+        holder = _read(fd)
       os.close(fd)
       raise Held(f"{os.path.dirname(self.path) or '.'} is in use by another run ({_describe(holder)}); wait for it "
                  f"to end, or use another --workdir") from None
@@ -113,7 +126,10 @@ def lock(directory: str) -> DirectoryLock | None:
   """The acquired lock of a local ``directory`` (created if missing); None for remote paths, which are not locked."""
   if "://" in directory:
     return None
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise LockError(f"cannot use {directory} as a run directory: {e.strerror or e}") from None
   return DirectoryLock(directory).acquire()
 
 

@@ -11,7 +11,8 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Mapping
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +44,20 @@ class Loop:
   logging it, keeping the last good checkpoint. SIGTERM/SIGINT finish the
   step, save and exit with code 3 and a line that says how to resume; the
   stop request is polled every 10 steps, at epoch ends and after the last step.
+
+  The console: the progress bar (plain lines in logs) shows the ``headline``
+  metrics, and its ETA comes from the steady-state step time (the first
+  step, which compiles, is reported once on its own); ``epoch_line(epoch,
+  record)`` turns each epoch's record (the ``epoch_`` averages and what
+  ``on_epoch`` returned) into one summary line.
   """
 
   def __init__(self, run: Run, *, total_steps: int, steps_per_epoch: int, log_every: int, checkpoint_every: int,
                save: Callable, on_epoch: Callable | None = None, describe: Callable[[int], dict] | None = None,
-               stop_after: int = 0, resumed: Mapping[str, Any] | None = None):
+               stop_after: int = 0, resumed: Mapping[str, Any] | None = None, headline: Sequence[str] = (),
+               epoch_line: Callable[[int, dict], str] | None = None):
     self.run, self.total, self.spe = run, total_steps, steps_per_epoch
+    self.headline, self.epoch_line = tuple(headline), epoch_line
     self.stop_after = stop_after
     self.log_every, self.checkpoint_every = max(1, log_every), max(0, checkpoint_every)
     self.save, self.on_epoch, self.describe = save, on_epoch, describe or (lambda step: {})
@@ -70,6 +79,7 @@ class Loop:
     saved_at = start_step if start_step else None
     finite_at = start_step  # the last step whose metrics were seen finite
     step = start_step
+    first_epoch_end = True
     end = min(self.total, start_step + self.stop_after) if self.stop_after else self.total
     with preemption.PreemptionGuard() as guard:
       while step < end:
@@ -92,8 +102,10 @@ class Loop:
           finite_at = step
           values.update(self.describe(step - 1))
           run.writer.write(step, values)
-          progress.set_postfix({k: values[k] for k in list(values)[:3]})
+          shown = [k for k in self.headline if k in values] or list(values)[:3]
+          progress.set_postfix({k: values[k] for k in shown})
         if end_of_epoch:
+          epoch_end_t0 = time.monotonic()
           epoch = (step - 1) // self.spe
           averaged = {k: v / epoch_count for k, v in host_scalars(epoch_sums).items()}
           epoch_sums, epoch_count = None, 0
@@ -102,7 +114,10 @@ class Loop:
             raise self._diverged(f"non-finite loss in epoch {epoch}, which ended at step {step} "
                                  f"({_fmt(_non_finite_first(averaged))})", finite_at, saved_at)
           extra = self.on_epoch(state, epoch, averaged) if self.on_epoch else {}
-          run.writer.write(step, {f"epoch_{k}": v for k, v in averaged.items()}, epoch=epoch, **(extra or {}))
+          record = {f"epoch_{k}": v for k, v in averaged.items()}
+          run.writer.write(step, record, epoch=epoch, **(extra or {}))
+          if self.epoch_line is not None:
+            progress.write(self.epoch_line(epoch, {**record, **(extra or {})}))
         stop = guard.should_stop() if (step % 10 == 0 or end_of_epoch) else False
         if (end_of_epoch or stop or step == end or
             (self.checkpoint_every and step % self.checkpoint_every == 0)):
@@ -115,6 +130,9 @@ class Loop:
                    if epoch_count else None)
           self.save(state, step, carry)
           saved_at = step
+        if end_of_epoch and first_epoch_end:  # its evaluation and checkpoint compile: no part of the ETA
+          progress.exclude(time.monotonic() - epoch_end_t0)
+          first_epoch_end = False
         if stop:
           self._preempted(progress, guard, step)
       # A signal after the last poll: the last step is saved, but what follows
@@ -175,7 +193,8 @@ class Cadence:
 
 
 def make_loop(run: Run, cadence: Cadence, *, total_steps: int, steps_per_epoch: int, save: Callable,
-              on_epoch: Callable | None = None, resumed: Mapping[str, Any] | None = None) -> Loop:
+              on_epoch: Callable | None = None, resumed: Mapping[str, Any] | None = None, headline: Sequence[str] = (),
+              epoch_line: Callable[[int, dict], str] | None = None) -> Loop:
   """The step loop of a program at the given cadence.
 
   ``save(state, step, carry)`` writes a checkpoint; ``carry`` (None at an epoch
@@ -186,7 +205,7 @@ def make_loop(run: Run, cadence: Cadence, *, total_steps: int, steps_per_epoch: 
   return Loop(run, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=cadence.log_every,
               checkpoint_every=cadence.checkpoint_every, save=save, on_epoch=on_epoch,
               describe=lambda step: {"epoch": step // steps_per_epoch}, stop_after=cadence.stop_after,
-              resumed=resumed)
+              resumed=resumed, headline=headline, epoch_line=epoch_line)
 
 
 def drive(run: Run, loop: Loop, state, start: int, step_fn: Callable, prefetch, ckpt):

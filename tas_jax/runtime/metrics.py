@@ -284,12 +284,21 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+FIRST_ETA_S = 5.0  # steady-state seconds before a log's first status line
+
+
 class Progress:
   """A progress bar with rate and ETA on process 0.
 
   On a terminal this is a tqdm bar. When stderr is not a terminal (log files,
   batch jobs) it prints a plain line at most every ``log_every_s`` seconds
-  instead, so logs stay readable. Disabled, it does nothing.
+  instead (the first one ``FIRST_ETA_S`` seconds after the first step), so
+  logs stay readable. Disabled, it does nothing.
+
+  The rate and ETA count from the end of the first step: that step compiles
+  (tens of seconds to minutes) and would make every early ETA many times too
+  long. Its time is reported once, as such. Other one-off work (the first
+  epoch's evaluation compiles too) is left out with :meth:`exclude`.
 
   Args:
     total: number of steps of the whole run.
@@ -313,6 +322,7 @@ class Progress:
     self._last_line = self._start
     self._printed_n = self.n
     self._postfix: dict[str, str] = {}
+    self._steady: tuple[float, int] | None = None  # (time, steps) at the end of the first step
     self._bar: Any = None
     if enabled and getattr(self._stream, "isatty", lambda: False)():
       import tqdm  # pylint: disable=g-import-not-at-top
@@ -325,10 +335,38 @@ class Progress:
     if not self.enabled:
       return
     self.n += n
+    if self._steady is None:
+      now = time.monotonic()
+      self._steady = (now, self.n)
+      self._last_line = now
+      self.write(f"{self.desc + ': ' if self.desc else ''}first step {_format_duration(now - self._start)} "
+                 "(compilation included; the ETA counts from here)")
+      if self._bar is not None:  # restart tqdm's clock and rate here
+        self._bar.reset(total=self.total)
+        self._bar.initial = self._bar.n = self.n
+        self._bar.refresh()
+      return
     if self._bar is not None:
       self._bar.update(n)
-    elif time.monotonic() - self._last_line >= self.log_every_s or self.n >= self.total:
-      self._print_line()
+    else:
+      # The first ETA of a log comes soon after compilation; later lines at the slower cadence.
+      interval = self.log_every_s if self._printed_n > self._steady[1] else min(self.log_every_s, FIRST_ETA_S)
+      if time.monotonic() - self._last_line >= interval or self.n >= self.total:
+        self._print_line()
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` of one-off work (the first evaluation, which compiles) out of the rate and ETA."""
+    if self._steady is not None:
+      self._steady = (self._steady[0] + seconds, self._steady[1])
+
+  def write(self, text: str) -> None:
+    """A line of its own (an epoch summary), above the bar on a terminal."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=self._stream)
+    else:
+      print(text, file=self._stream, flush=True)
 
   def set_postfix(self, values: Mapping[str, Any]) -> None:
     """Shows ``values`` (e.g. loss, accuracy; JAX scalars are fine) after the bar."""
@@ -340,9 +378,10 @@ class Progress:
 
   def line(self) -> str:
     """The plain status line: position, rate, elapsed time, ETA and postfix."""
-    elapsed = time.monotonic() - self._start
-    done = self.n - self._initial
-    rate = done / elapsed if elapsed > 0 else 0.0
+    now = time.monotonic()
+    elapsed = now - self._start
+    since, steps = self._steady or (self._start, self._initial)
+    rate = (self.n - steps) / (now - since) if now > since and self.n > steps else 0.0
     eta = (self.total - self.n) / rate if rate > 0 else float("inf")
     pct = 100.0 * self.n / self.total if self.total else 100.0
     parts = [f"{self.desc + ': ' if self.desc else ''}{self.n}/{self.total} ({pct:.1f}%)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -17,20 +18,22 @@ from tas_jax.core import shapes
 from tas_jax.core import shape_files
 from tas_jax.nets import resnet
 from tas_jax.runtime import parallel
+from tas_jax.runtime.files import write_json
 from tas_jax.runtime.runs import RunError
 
 
 MODEL_DIR = "model"
-
-
 BEST_DIR = "model_best"
+INFERENCE_FILE = "inference.json"
+_PARTIAL, _OLD = ".partial", ".old"
 
 
 def _complete(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, "shape.json")) and os.path.isdir(os.path.join(directory, "params"))
 
 
-def _model_dir(run_dir: str) -> str:
+def model_dir(run_dir: str) -> str:
+  """The model directory of a run directory (or the model directory itself)."""
   if _complete(run_dir):
     return run_dir
   directory = os.path.join(run_dir, MODEL_DIR)
@@ -39,10 +42,8 @@ def _model_dir(run_dir: str) -> str:
   return directory
 
 
-_PARTIAL, _OLD = ".partial", ".old"
-
-
-def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool = True) -> None:
+def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool = True,
+               inference: dict | None = None) -> None:
   """Write ``directory/params`` (Orbax: ``{"params", "stats"}``) and ``directory/shape.json``, atomically.
 
   The model is written aside into ``directory.partial`` (``shape.json``, the
@@ -50,6 +51,9 @@ def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool
   moved to ``directory.old`` first and deleted last, so a process killed at
   any moment leaves a complete model under ``directory`` or, between the two
   renames, under ``directory.old`` (which :func:`load_model` reads then).
+  ``inference`` (:func:`tas_jax.runtime.runs.inference_record`: the
+  normalisation, class names and input size) is written beside them as
+  ``inference.json``, so the directory holds all that inference needs.
   Every process calls it (Orbax coordinates the write); process 0 renames.
   """
   partial, old = directory + _PARTIAL, directory + _OLD
@@ -61,6 +65,8 @@ def save_model(directory: str, shape: shapes.Shape, params, stats, is_main: bool
   ckptr.wait_until_finished()
   ckptr.close()
   if is_main:
+    if inference is not None:
+      write_json(os.path.join(partial, INFERENCE_FILE), inference)
     shape_files.save(shape, os.path.join(partial, "shape.json"))
     if os.path.isdir(directory):
       if os.path.isdir(old):
@@ -86,14 +92,19 @@ def load_model(run_dir: str, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
     shape, model = load_model("runs/r20-base")
     logits = model(data.normalize(images_uint8, dataset.mean, dataset.std))
   """
-  directory = _model_dir(run_dir)
+  directory = model_dir(run_dir)
   shape_path, params_path = os.path.join(directory, "shape.json"), os.path.join(directory, "params")
   if not (os.path.isfile(shape_path) and os.path.isdir(params_path)):
     raise RunError(f"no trained model in {run_dir} (expected {MODEL_DIR}/shape.json and {MODEL_DIR}/params, "
                           "written when a training or search run finishes)")
   shape = shape_files.load(shape_path)
-  model = resnet.build(shape, 0, dtype)
-  target = {"params": nnx.state(model, nnx.Param), "stats": nnx.state(model, nnx.BatchStat)}
+  # Built abstractly: an eager build runs every initialiser (a compilation per conv shape), which the restored
+  # values would overwrite anyway; this way loading costs little more than the restore.
+  abstract = nnx.eval_shape(lambda: resnet.build(shape, 0, dtype))
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": params, "stats": stats})
   ckptr = ocp.StandardCheckpointer()
   try:
     restored = ckptr.restore(os.path.abspath(params_path), target)
@@ -101,6 +112,6 @@ def load_model(run_dir: str, dtype=None) -> tuple[shapes.Shape, resnet.ResNet]:
     raise RunError(f"cannot read the parameters in {params_path}: {type(e).__name__}: {e}") from None
   finally:
     ckptr.close()
-  nnx.update(model, restored["params"], restored["stats"])
+  model = nnx.merge(graphdef, restored["params"], restored["stats"])
   model.eval()
   return shape, model

@@ -138,7 +138,7 @@ def claim(workdir: str) -> lock_lib.DirectoryLock | None:
   if parallel.is_main_process():
     try:
       held = lock_lib.lock(workdir)
-    except lock_lib.Held as e:
+    except lock_lib.LockError as e:
       refusal = str(e)
   if not parallel.all_processes(refusal is None):
     raise RunError(refusal or f"process 0 could not lock {workdir}")
@@ -202,6 +202,13 @@ def data_fingerprint(dataset: data_lib.Dataset) -> dict:
   """
   return {"name": dataset.name, "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
           "image_size": int(dataset.image_size), "test_examples": int(dataset.num_examples("test"))}
+
+
+def inference_record(dataset: data_lib.Dataset) -> dict:
+  """What a saved network needs to be used on raw images: input layout and size, normalisation, class names."""
+  return {"input": "uint8 RGB images, NHWC", "image_size": int(dataset.image_size),
+          "mean": [float(m) for m in dataset.mean], "std": [float(s) for s in dataset.std],
+          "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names), "dataset": dataset.name}
 
 
 def check_same_data(source: str, what: str, dataset: data_lib.Dataset, allow_foreign: bool) -> None:
