@@ -11,7 +11,7 @@ PARITY_VENV := .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: venv test test-slow demo parity-fixtures clean
+.PHONY: venv test test-slow demo parity-fixtures gpu-check-prepare gpu-check gpu-check-small clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,24 @@ $(PARITY_STAMP):
 
 parity-fixtures: $(PARITY_STAMP)
 	$(PARITY_PY) tools/parity/make_fixtures.py --out tests/fixtures/parity
+
+# The prepared accelerator check (tools/device_check.py; docs/PERFORMANCE.md). gpu-check-prepare, here: the
+# wheels the GPU image lacks and the CIFAR-10 archive (DATA=PATH) into .device/, which is ignored and carried.
+# gpu-check, on the GPU machine from the repository root (no venv: the image's python3). gpu-check-small,
+# here: the same script at toy size on the CPU.
+OUT ?= device-check
+DEVICE_WHEELS := ml_collections==1.1.0 tensorboardX==2.6.5
+gpu-check-prepare:
+	mkdir -p .device/wheels .device/data
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	    --python-version 3.12 --implementation cp -d .device/wheels $(DEVICE_WHEELS)
+	$(if $(DATA),cp $(DATA) .device/data/,@echo "no DATA=PATH given: the check will use synthetic data")
+
+gpu-check:
+	tools/device_check.sh $(OUT)
+
+gpu-check-small: $(STAMP)
+	$(PY) tools/device_check.py --mode small --out $(OUT) $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) $(PARITY_VENV) .pytest_cache

@@ -171,7 +171,7 @@ def test_eta_counts_from_the_steady_state_not_the_compiling_first_step(monkeypat
   # A log gets its first ETA five steady seconds after compilation (step 6: 94 left), then at its cadence.
   lines = stream.getvalue().splitlines()
   assert len(lines) == 2, lines
-  assert lines[0].startswith("first step 0:02:00 (compilation included")
+  assert lines[0].startswith("first step 0:02:00 (with any compilation")
   assert lines[1].startswith("6/100") and "ETA 0:01:34" in lines[1], lines[1]
   clock[0] += 30.0  # the first evaluation compiles: left out of the rate too
   progress.exclude(30.0)

@@ -179,6 +179,21 @@ def test_an_out_of_band_searched_shape_is_trained_but_flagged(tmp_path):
   assert "**no** (flagged)" in open(os.path.join(tmp_path, study_report.MD_FILE)).read()
 
 
+def test_cli_ends_by_printing_the_study_table(tmp_path, monkeypatch, capsys):
+  """Catches the command failing at its last line, after the whole study has run (its table never printed)."""
+  import ml_collections
+  from tas_jax.cli import study as study_cli
+  fake_train, fake_search = _fake_programs([], 0.48)
+  real = study.run
+  monkeypatch.setattr(study_cli.study, "run", lambda cfg, workdir, **kw: real(cfg, workdir, train_fn=fake_train,
+                                                                              search_fn=fake_search, **kw))
+  config = ml_collections.ConfigDict(dict(smoke_config().__dict__, seeds=1, l1=False, random_draws=1,
+                                          variants="kd", train_overrides="", search_overrides=""))
+  study_cli.main(config, str(tmp_path / "s"))
+  out = capsys.readouterr().out
+  assert "round 1/1 done" in out and "| tas-s0 | tas |" in out, out[-2000:]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from tas_jax.core import shapes
 from tas_jax.core import shape_files
 
 
-def _time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
+def time_calls(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
   """(compile + first call seconds, median seconds of ``steps`` calls)."""
   t = time.perf_counter()
   jax.block_until_ready(fn())
@@ -82,7 +82,7 @@ def bench_search(model: str, batch_size: int, steps: int, mesh, dtype: str) -> d
     holder["state"], m = step(holder["state"], tb, vb, tau)
     return m
 
-  compile_s, step_s = _time(run, steps)
+  compile_s, step_s = time_calls(run, steps)
   return {"search_iter_s": step_s, "search_compile_s": compile_s, "cache_size": step._cache_size(),
           "state": holder["state"], "step": step, "problem": problem}
 
@@ -107,7 +107,7 @@ def bench_train(model: str, batch_size: int, steps: int, mesh, dtype: str, shape
     holder["state"], m = step(holder["state"], batch, teacher_vars)
     return m
 
-  first_s, step_s = _time(run, steps)
+  first_s, step_s = time_calls(run, steps)
   return {"step_s": step_s, "compile_s": compile_s + first_s}
 
 

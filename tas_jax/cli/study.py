@@ -47,7 +47,7 @@ def main(config, workdir):
   except study.StudyError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(common.ERROR)
-  print(study.markdown(summary), flush=True)
+  print(study_report.markdown(summary), flush=True)
 
 
 def run():

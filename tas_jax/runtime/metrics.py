@@ -340,7 +340,7 @@ class Progress:
       self._steady = (now, self.n)
       self._last_line = now
       self.write(f"{self.desc + ': ' if self.desc else ''}first step {_format_duration(now - self._start)} "
-                 "(compilation included; the ETA counts from here)")
+                 "(with any compilation; the ETA counts from here)")
       if self._bar is not None:  # restart tqdm's clock and rate here
         self._bar.reset(total=self.total)
         self._bar.initial = self._bar.n = self.n
