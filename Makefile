@@ -11,7 +11,7 @@ PARITY_VENV := .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: venv test test-slow demo parity-fixtures gpu-check-prepare gpu-check gpu-check-small clean
+.PHONY: venv test test-slow demo parity-fixtures official-speed gpu-check-prepare gpu-check gpu-check-small clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,10 @@ $(PARITY_STAMP):
 
 parity-fixtures: $(PARITY_STAMP)
 	$(PARITY_PY) tools/parity/make_fixtures.py --out tests/fixtures/parity
+
+# The official code's search iteration and training step against this project's, side by side (CPU).
+official-speed: $(STAMP) $(PARITY_STAMP)
+	$(PY) tools/official_speed.py $(ARGS)
 
 # The prepared accelerator check (tools/device_check.py; docs/PERFORMANCE.md). gpu-check-prepare, here: the
 # wheels the GPU image lacks and the CIFAR-10 archive (DATA=PATH) into .device/, which is ignored and carried.

@@ -1,4 +1,4 @@
-"""The prepared accelerator check (tools/device_check.py): its study sizing, and its small mode end to end."""
+"""The prepared accelerator check (tools/device_check.py) and the side-by-side benchmark (tools/official_speed.py)."""
 
 import json
 import os
@@ -47,3 +47,11 @@ def test_small_mode_writes_every_phase(tmp_path):
   assert "| tas-s0 | tas |" in phases["study"]["markdown"]
   md = open(out / device_check.MD_FILE).read()
   assert "| resnet8 | float32 | 32 |" in md and "Study: teacher" in md
+
+
+def test_official_speed_without_its_environment_is_one_line(tmp_path):
+  """Catches the side-by-side benchmark ending in a traceback when the parity environment is missing."""
+  proc = subprocess.run([sys.executable, os.path.join(str(ROOT), "tools", "official_speed.py"), "--torch_python",
+                         str(tmp_path / "nope" / "python")], capture_output=True, text=True, timeout=120)
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("W", "I"))]
+  assert proc.returncode == 2 and len(lines) == 1 and "make .venv-parity/.installed" in lines[0], proc.stderr
