@@ -152,3 +152,52 @@ def test_width_multiple_and_options():
   assert logits.shape == (4, 10)
   with pytest.raises(ValueError, match="mode"):
     supernet.SupernetConfig(mode="everything")
+
+
+def test_scanned_blocks_equal_unrolled_blocks():
+  """Catches a scan over a stage's identical blocks that drops their running-statistics updates, mixes the
+  depth candidates from the wrong blocks, or feeds a block another block's selection rows: the scanned
+  supernet must give the unrolled one's logits (search and argmax forwards), statistics and gradients."""
+  base = shape_files.preset("resnet20")
+  nets = [supernet.build(base, supernet.SupernetConfig(scan_blocks=scan), seed=0) for scan in (False, True)]
+  _randomize(nets[0], 3)
+  graphdef0, weights, arch, stats = supernet.split(nets[0])
+  graphdef1 = supernet.split(nets[1])[0]
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  key = jax.random.key(2)
+  outs = []
+  for g in (graphdef0, graphdef1):
+
+    @jax.jit
+    def run(weights, stats, g=g):
+      logits, _, new_stats = supernet.apply(g, weights, arch, stats, x, key, 1.5, with_costs=False)
+      hard, _, _ = supernet.apply(g, weights, arch, new_stats, x, None, 1.0, train=False, hard=True,
+                                  with_costs=False)
+      grads = jax.grad(lambda w: supernet.apply(g, w, arch, stats, x, key, 1.5, with_costs=False)[0].sum())(weights)
+      return logits, hard, new_stats, grads
+
+    outs.append(run(weights, stats))
+  (l0, h0, s0, g0), (l1, h1, s1, g1) = outs
+  np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(h1, h0, rtol=0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_gradients_written_as_forward_convs_equal_autodiff(kernel):
+  """Catches a wrong kernel or input gradient in the scan-friendly conv (an unflipped or untransposed kernel, a
+  shifted window): both must equal JAX's autodiff of the plain convolution."""
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 5))
+  dy = jax.random.normal(jax.random.key(2), (3, 6, 6, 5))
+  p = kernel // 2
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want_y, want_vjp = jax.vjp(plain, x, w)
+  got_y, got_vjp = jax.vjp(supernet._conv_same, x, w)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  for got, want in zip(got_vjp(dy), want_vjp(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -69,6 +69,7 @@ def get_config(arg: str = "resnet56") -> ml_collections.ConfigDict:
   c.shortcut_bn = True
   c.width_multiple = 1
   c.bn_groups = 0
+  c.scan_blocks = True  # one scanned body for the identical blocks of a stage (compile time flat in depth)
   c.dtype = "float32"
   c.seed = 0
   c.split_seed = 0

@@ -16,6 +16,9 @@ conv. The per-candidate batch norms and the CWI of one conv are folded into a
 single channel-mixing matrix, so a searchable conv costs one conv plus one
 C x C matmul whatever k is.
 
+The identical blocks of a stage (all but its first) run as one ``lax.scan``
+over their stacked variables, so compile time hardly grows with depth.
+
 Architecture parameters live in :class:`ArchParam` variables, apart from
 weights (``nnx.Param``) and batch-norm statistics (``nnx.BatchStat``).
 """
@@ -70,6 +73,9 @@ class SupernetConfig:
       variance (n / (n - 1) times the biased one), as PyTorch's batch norm
       does; False uses the biased one. Only eval-mode forwards (search-time
       validation, the exported network's statistics) see the difference.
+    scan_blocks: run the identical blocks of a stage (all but its first) as
+      one scanned body, so that compile time does not grow with depth; False
+      unrolls them (the same numbers; for comparison).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
   """
 
@@ -83,6 +89,7 @@ class SupernetConfig:
   exact_cost: bool = True
   bn_groups: int = 0
   unbiased_var: bool = True
+  scan_blocks: bool = True
   dtype: object = None
 
   def __post_init__(self):
@@ -120,6 +127,40 @@ def _moments(y, groups: int):
   return mean, var  # [G, C]
 
 
+def _conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _conv_same(x, kernel):
+  """A stride-1 conv with same padding (odd kernel), NHWC x HWIO, whose gradients are forward convolutions.
+
+  The same numbers as XLA's own gradients, and as fast unrolled; but inside a
+  ``lax.scan`` (the identical blocks of a stage) XLA:CPU runs its native
+  kernel- and input-gradient convolutions some 40 times slower, and forward
+  convolutions at full speed.
+  """
+  p = kernel.shape[0] // 2
+  return _conv(x, kernel, ((p, p), (p, p)))
+
+
+def _conv_same_fwd(x, kernel):
+  return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(res, dy):
+  x, kernel = res
+  p = kernel.shape[0] // 2
+  dx = _conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), ((p, p), (p, p)))
+  # dW[i, j, c, o] = sum_{b,h,w} x[b, h+i-p, w+j-p, c] dy[b, h, w, o]: a conv with the channels of x as the
+  # batch, its batch as the features, and dy as the kernel.
+  dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((p, p), (p, p)))  # [Ci, kh, kw, Co]
+  return dx, dw.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
 class SuperConv(nnx.Module):
   """A conv at its nominal width with one batch norm per candidate width."""
 
@@ -146,8 +187,11 @@ class SuperConv(nnx.Module):
     kernel = self.kernel[...]
     if dtype is not None:
       x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, resnet_lib._pad(self.kernel_size),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.stride == 1:
+      y = _conv_same(x, kernel)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, resnet_lib._pad(self.kernel_size),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
     c = y.shape[-1]
     g = max(groups, 1) if train else 1
     if self.has_bn:
@@ -211,17 +255,26 @@ class SuperBlock(nnx.Module):
     self.shortcut = SuperConv(spec.nominal_in, spec.nominal_out, 1, 1 if pool or spec.stride == 1 else spec.stride,
                               k, bn=config.shortcut_bn, pool=pool, rngs=rngs) if has_conv else None
 
+  def rows(self, sel: Selection):
+    """This block's rows of the selection: (idx, width, weight), each [convs, k]."""
+    rows = np.asarray(self.conv_ids)
+    return sel.idx[rows], sel.width[rows], sel.weight[rows]
+
   def __call__(self, x, x_width, sel: Selection, *, train, groups, block_relu, dtype, unbiased_var=True):
+    return self.apply_rows(x, x_width, *self.rows(sel), hard=sel.hard, train=train, groups=groups,
+                           block_relu=block_relu, dtype=dtype, unbiased_var=unbiased_var)
+
+  def apply_rows(self, x, x_width, idx, width, weight, *, hard, train, groups, block_relu, dtype, unbiased_var=True):
+    """The block on its own selection rows (:meth:`rows`): what a scan over identical blocks calls."""
     y, w = x, x_width
     n = len(self.convs)
-    for i, (conv, ci) in enumerate(zip(self.convs, self.conv_ids)):
-      y, w = conv(y, sel.idx[ci], sel.width[ci], sel.weight[ci], train=train, groups=groups, relu=i < n - 1,
-                  hard=sel.hard, dtype=dtype, unbiased_var=unbiased_var)
-    last = self.conv_ids[-1]
+    for i, conv in enumerate(self.convs):
+      y, w = conv(y, idx[i], width[i], weight[i], train=train, groups=groups, relu=i < n - 1,
+                  hard=hard, dtype=dtype, unbiased_var=unbiased_var)
     if self.shortcut is not None:
-      s, sw = self.shortcut(x, sel.idx[last], sel.width[last], sel.weight[last], train=train, groups=groups,
-                            relu=False, hard=sel.hard, dtype=dtype, unbiased_var=unbiased_var)
-    elif sel.hard:  # the pruned net's identity or identity-initialised projection: first w channels of x
+      s, sw = self.shortcut(x, idx[-1], width[-1], weight[-1], train=train, groups=groups,
+                            relu=False, hard=hard, dtype=dtype, unbiased_var=unbiased_var)
+    elif hard:  # the pruned net's identity or identity-initialised projection: first w channels of x
       s = jnp.where(jax.lax.iota(jnp.int32, x.shape[-1]) < w, x, 0).astype(y.dtype)
       sw = w
     else:
@@ -304,21 +357,51 @@ class Supernet(nnx.Module):
     x, w = self.stem(images, sel.idx[0], sel.width[0], sel.weight[0], relu=True, hard=sel.hard, **kw)
     if space.base.arch == "imagenet":
       x = resnet_lib.max_pool3s2(x)
+    kw["block_relu"] = cfg.block_relu
     for s in range(len(space.base.layers)):
       choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
+      stage = [(spec, block) for spec, block in zip(lay.blocks, self.blocks) if spec.stage == s]
       ends = []
-      for spec, block in zip(lay.blocks, self.blocks):
-        if spec.stage != s:
-          continue
-        x, w = block(x, w, sel, block_relu=cfg.block_relu, **kw)
+      # A stage's first block changes the resolution or width; the blocks after it are identical, and one
+      # scanned body for them keeps the compile time from growing with depth.
+      head, tail = (stage[:1], stage[1:]) if cfg.scan_blocks and len(stage) > 2 else (stage, [])
+      for spec, block in head:
+        x, w = block(x, w, sel, **kw)
         if spec.index + 1 in choices:
           ends.append((x, w))
+      if tail:
+        x, w, ys, yws = _scan_blocks([b for _, b in tail], x, w, sel, kw)
+        ends += [(ys[i], yws[i]) for i, (spec, _) in enumerate(tail) if spec.index + 1 in choices]
       if len(ends) > 1:
         x, w = _mix_depths(ends, sel.depth[s, : len(ends)], sel.hard)
     feats = x.astype(jnp.float32).mean(axis=(1, 2))
     logits = feats @ self.head_kernel[...] + self.head_bias[...]
     # The cost graph is small but not free to compile; the weight step does not need it.
     return logits, (self.costs() if with_costs else None)
+
+
+def _scan_blocks(blocks, x, w, sel: Selection, kw):
+  """Identical blocks in order, as one ``lax.scan`` over their stacked variables.
+
+  Returns the last output and its width, and every block's output and width
+  stacked (the candidate end blocks of the depth mix are among them). The
+  blocks' running statistics are updated as the unrolled calls would.
+  """
+  graphdef = nnx.graphdef(blocks[0])  # same structure for all; the conv ids it holds are not read here
+  stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks])
+  rows = [b.rows(sel) for b in blocks]
+  idx, width, weight = (jnp.stack([r[i] for r in rows]) for i in range(3))
+
+  def body(carry, inputs):
+    state, i, wd, wt = inputs
+    block = nnx.merge(graphdef, state)
+    y, yw = block.apply_rows(*carry, i, wd, wt, hard=sel.hard, **kw)
+    return (y, yw), (y, yw, nnx.state(block, nnx.BatchStat))
+
+  (x, w), (ys, yws, stats) = jax.lax.scan(body, (x, jnp.asarray(w, jnp.int32)), (stacked, idx, width, weight))
+  for i, block in enumerate(blocks):
+    nnx.update(block, jax.tree.map(lambda v: v[i], stats))
+  return x, w, ys, yws
 
 
 def _widths(space, idx):

@@ -240,6 +240,7 @@ class SearchSettings(RunSettings):
   shortcut_bn: bool = required()
   width_multiple: int = optional(1, at_least(1))
   bn_groups: int = required(at_least(0))
+  scan_blocks: bool = optional(True)
   eval_examples: int = optional(0, at_least(0))  # 0 = the whole validation half
   cost: str = optional("macs", one_of(*COSTS))
   latency_batch: int = optional(1, at_least(1))

@@ -49,6 +49,7 @@ def supernet_config(settings: SearchSettings) -> supernet.SupernetConfig:
                                  width_multiple=settings.width_multiple, block_relu=settings.block_relu,
                                  shortcut_bn=settings.shortcut_bn, exact_cost=settings.exact_cost,
                                  bn_groups=settings.bn_groups, unbiased_var=settings.unbiased_var,
+                                 scan_blocks=settings.scan_blocks,
                                  dtype=jnp.bfloat16 if settings.dtype == "bfloat16" else None)
 
 
