@@ -8,7 +8,7 @@ from flax import nnx
 from tas_jax.core import cost, shapes
 from tas_jax.core import shape_files
 
-from tas_jax.nets import supernet
+from tas_jax.nets import conv, supernet
 from tas_jax.nets import surgery
 apply = jax.jit(supernet.apply, static_argnums=(0,), static_argnames=("train", "hard"))
 
@@ -197,7 +197,7 @@ def test_conv_gradients_written_as_forward_convs_equal_autodiff(kernel):
   plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want_y, want_vjp = jax.vjp(plain, x, w)
-  got_y, got_vjp = jax.vjp(supernet._conv_same, x, w)  # pylint: disable=protected-access
+  got_y, got_vjp = jax.vjp(conv.conv_same, x, w)
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(got_vjp(dy), want_vjp(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ from flax import nnx
 
 from tas_jax.core import cost as cost_lib
 from tas_jax.core import cwi as cwi_lib
+from tas_jax.nets import conv as conv_lib
 from tas_jax.nets import resnet as resnet_lib
 from tas_jax.core import sampling
 from tas_jax.core import shapes as shapes_lib
@@ -73,9 +74,8 @@ class SupernetConfig:
       variance (n / (n - 1) times the biased one), as PyTorch's batch norm
       does; False uses the biased one. Only eval-mode forwards (search-time
       validation, the exported network's statistics) see the difference.
-    scan_blocks: run the identical blocks of a stage (all but its first) as
-      one scanned body, so that compile time does not grow with depth; False
-      unrolls them (the same numbers; for comparison).
+    scan_blocks: one scanned body for the identical blocks of a stage (all
+      but its first); False unrolls them (same numbers, longer compiles).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
   """
 
@@ -127,46 +127,12 @@ def _moments(y, groups: int):
   return mean, var  # [G, C]
 
 
-def _conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def _conv_same(x, kernel):
-  """A stride-1 conv with same padding (odd kernel), NHWC x HWIO, whose gradients are forward convolutions.
-
-  The same numbers as XLA's own gradients, and as fast unrolled; but inside a
-  ``lax.scan`` (the identical blocks of a stage) XLA:CPU runs its native
-  kernel- and input-gradient convolutions some 40 times slower, and forward
-  convolutions at full speed.
-  """
-  p = kernel.shape[0] // 2
-  return _conv(x, kernel, ((p, p), (p, p)))
-
-
-def _conv_same_fwd(x, kernel):
-  return _conv_same(x, kernel), (x, kernel)
-
-
-def _conv_same_bwd(res, dy):
-  x, kernel = res
-  p = kernel.shape[0] // 2
-  dx = _conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), ((p, p), (p, p)))
-  # dW[i, j, c, o] = sum_{b,h,w} x[b, h+i-p, w+j-p, c] dy[b, h, w, o]: a conv with the channels of x as the
-  # batch, its batch as the features, and dy as the kernel.
-  dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((p, p), (p, p)))  # [Ci, kh, kw, Co]
-  return dx, dw.transpose(1, 2, 0, 3).astype(kernel.dtype)
-
-
-_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
-
-
 class SuperConv(nnx.Module):
   """A conv at its nominal width with one batch norm per candidate width."""
 
   def __init__(self, cin: int, cout: int, kernel: int, stride: int, num_candidates: int, *, bn: bool,
                pool: bool = False, rngs: nnx.Rngs):
-    self.kernel_size, self.stride, self.pool = kernel, stride, pool
+    self.stride, self.pool = stride, pool
     self.kernel = nnx.Param(resnet_lib.conv_init(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
     self.has_bn = bn
     if bn:
@@ -187,11 +153,7 @@ class SuperConv(nnx.Module):
     kernel = self.kernel[...]
     if dtype is not None:
       x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if self.stride == 1:
-      y = _conv_same(x, kernel)
-    else:
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, resnet_lib._pad(self.kernel_size),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv_lib.conv(x, kernel, self.stride)
     c = y.shape[-1]
     g = max(groups, 1) if train else 1
     if self.has_bn:
@@ -381,11 +343,9 @@ class Supernet(nnx.Module):
 
 
 def _scan_blocks(blocks, x, w, sel: Selection, kw):
-  """Identical blocks in order, as one ``lax.scan`` over their stacked variables.
+  """Identical blocks in order as one ``lax.scan`` over their stacked variables, updating their statistics.
 
-  Returns the last output and its width, and every block's output and width
-  stacked (the candidate end blocks of the depth mix are among them). The
-  blocks' running statistics are updated as the unrolled calls would.
+  Returns the last output and width, and every block's output and width stacked (for the depth mix).
   """
   graphdef = nnx.graphdef(blocks[0])  # same structure for all; the conv ids it holds are not read here
   stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks])
@@ -488,6 +448,3 @@ def apply(graphdef, weights, arch, stats, images, key, tau, *, train: bool = Tru
 
 def build(base: Shape, config: SupernetConfig = SupernetConfig(), seed: int = 0) -> Supernet:
   return Supernet(base, config, rngs=nnx.Rngs(seed))
-
-
-# ----------------------------------------------------------------------------- export
