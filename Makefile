@@ -15,9 +15,9 @@ PARITY_STAMP := $(PARITY_VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements-lock.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

@@ -67,9 +67,11 @@ def _peak_memory() -> float | None:
   return None if peak is None else peak / 2**20
 
 
-def bench_search(model: str, batch_size: int, steps: int, mesh, dtype: str) -> dict:
+def bench_search(model: str, batch_size: int, steps: int, mesh, dtype: str, **overrides) -> dict:
+  """One search iteration of ``model``'s supernet; ``overrides``: search config keys (e.g. scan_blocks=False)."""
   cfg = search_configs.get_config(model)
   cfg.batch_size, cfg.dtype = batch_size, dtype
+  cfg.update(overrides)
   problem, state = search_lib.build(cfg, 10, 100)
   state = parallel.replicate(state, mesh)
   step = search_lib.compile_step(problem, mesh)

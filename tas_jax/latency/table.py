@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tas_jax.latency import measure as latency_lib
+from tas_jax.nets import conv as conv_lib
 from tas_jax.nets import resnet as resnet_lib
 from tas_jax.core import cost as cost_lib
 from tas_jax.core import shapes as shapes_lib
@@ -56,12 +57,10 @@ def _cache_file(cache_dir: str | None, device: str, batch_size: int) -> str:
 
 
 def _unit(kernel: int, stride: int, pool: bool, relu: bool):
-  pad = resnet_lib._pad(kernel)
-
   def f(x, w, scale, shift):
     if pool:
       x = resnet_lib.avg_pool2(x)
-    y = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv_lib.conv(x, w, stride)
     y = y * scale + shift
     return jax.nn.relu(y) if relu else y
 

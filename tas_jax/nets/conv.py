@@ -14,23 +14,26 @@ import jax
 import jax.numpy as jnp
 
 
-def _conv(x, kernel, padding, stride: int = 1):
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric padding ``kernel // 2``, as PyTorch pads; "SAME" would pad stride-2 convs asymmetrically."""
+  p = kernel // 2
+  return ((p, p), (p, p))
+
+
+def _conv(x, kernel, stride: int = 1):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding(kernel.shape[0]),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def conv(x, kernel, stride: int):
-  """NHWC x HWIO conv with symmetric padding k // 2, as PyTorch pads; stride 1 through :func:`conv_same`."""
-  if stride == 1:
-    return conv_same(x, kernel)
-  p = kernel.shape[0] // 2
-  return _conv(x, kernel, ((p, p), (p, p)), stride)
+  """NHWC x HWIO conv with :func:`padding`; stride 1 through :func:`conv_same`."""
+  return conv_same(x, kernel) if stride == 1 else _conv(x, kernel, stride)
 
 
 @jax.custom_vjp
 def conv_same(x, kernel):
   """A stride-1 conv with same padding (odd kernel), NHWC x HWIO, whose gradients are forward convolutions."""
-  p = kernel.shape[0] // 2
-  return _conv(x, kernel, ((p, p), (p, p)))
+  return _conv(x, kernel)
 
 
 def _fwd(x, kernel):
@@ -39,12 +42,13 @@ def _fwd(x, kernel):
 
 def _bwd(res, dy):
   x, kernel = res
-  p = kernel.shape[0] // 2
-  dx = _conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), ((p, p), (p, p)))
+  dx = _conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
   # dW[i, j, c, o] = sum_{b,h,w} x[b, h+i-p, w+j-p, c] dy[b, h, w, o]: a conv with the channels of x as the
-  # batch, its batch as the features, and dy as the kernel.
-  dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((p, p), (p, p)))  # [Ci, kh, kw, Co]
-  return dx, dw.transpose(1, 2, 0, 3).astype(kernel.dtype)
+  # batch, its batch as the features, and dy as the kernel; dy has x's spatial size, so padding x by
+  # padding(kernel) gives the kernel's spatial size back.
+  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                    padding(kernel.shape[0]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return dx, dw.transpose(1, 2, 0, 3).astype(kernel.dtype)  # [Ci, kh, kw, Co] -> HWIO
 
 
 conv_same.defvjp(_fwd, _bwd)

@@ -16,18 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tas_jax.core import cost as cost_lib
+from tas_jax.nets import conv as conv_lib
 from tas_jax.core.shapes import Shape
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1
 BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nnx.initializers.normal(0.01)
-
-
-def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  # Symmetric padding as PyTorch does; "SAME" would pad stride-2 convs asymmetrically.
-  p = kernel // 2
-  return ((p, p), (p, p))
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
@@ -47,7 +42,7 @@ class ConvBN(nnx.Module):
   def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, bn: bool = True, relu: bool = True,
                zero_scale: bool = False, dtype=None, rngs: nnx.Rngs):
     self.kernel, self.stride, self.relu = kernel, stride, relu
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=_pad(kernel), use_bias=False,
+    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=conv_lib.padding(kernel), use_bias=False,
                          kernel_init=conv_init, dtype=dtype, rngs=rngs)
     self.bn = nnx.BatchNorm(cout, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
