@@ -128,6 +128,11 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    # Orbax deletes leftover temporary saves in a background thread; finish that here, so that opening is over
+    # when the constructor returns and no save started afterwards (by any Checkpointer) can be deleted.
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     if self.fingerprint is not None:
       self._check_directory_fingerprint()
 
