@@ -1,12 +1,15 @@
 """Exact MACs and parameters of network shapes.
 
   python -m tas_jax.cli.flops resnet56 tas-c10-resnet56 runs/search/shape.json [--json]
+  python -m tas_jax.cli.flops vgg16 vgg19 mobilenetv2 imagenet-mobilenetv2 vit
   python -m tas_jax.cli.flops --presets
 
 SHAPE is a preset name, a project shape JSON file or an official TAS ``.config``
-file. MACs count conv and linear multiply-accumulates (classifier bias
-included); FLOPs = 2 x MACs. ``ratio`` is MACs over the unpruned network of the
-same family.
+file, or the name of a searchable family (the unpruned network). MACs count
+conv and linear multiply-accumulates (a ResNet's classifier bias included, as
+the official code counts; the families count matrix products and
+convolutions only, attention's token products included); FLOPs = 2 x MACs.
+``ratio`` is MACs over the unpruned network of the same family.
 """
 
 from __future__ import annotations
@@ -15,12 +18,27 @@ import argparse
 import json
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from tas_jax.core import cost, shapes
 from tas_jax.core import shape_files
+from tas_jax.nets import cost_graph, families, searchable
+
+
+def _family_row(name, num_classes):
+  net = families.build(name, num_classes, abstract=True)
+  size = families.FAMILIES[name].image_size
+  m = cost_graph.trace(net, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).full(net)
+  return {"shape": name, "macs": m, "params": searchable.num_params(net), "flops": 2 * m, "ratio": 1.0,
+          "blocks": "-", "depth": None}
 
 
 def rows(specs, num_classes=None):
   for spec in specs:
+    if spec in families.FAMILIES:
+      yield _family_row(spec, num_classes)
+      continue
     shape = shape_files.resolve(spec, num_classes)
     c = cost.count(shape)
     full = cost.count(shapes.full_shape(shape))

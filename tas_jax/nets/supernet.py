@@ -36,16 +36,13 @@ from tas_jax.core import cost as cost_lib
 from tas_jax.core import cwi as cwi_lib
 from tas_jax.nets import conv as conv_lib
 from tas_jax.nets import resnet as resnet_lib
+from tas_jax.nets.searchable import ArchParam
 from tas_jax.core import sampling
 from tas_jax.core import shapes as shapes_lib
 from tas_jax.core import space as space_lib
 from tas_jax.core.shapes import Shape
 
 MODES = ("width", "depth", "shape")
-
-
-class ArchParam(nnx.Variable):
-  """Architecture parameters: TAS's width and depth logits."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,9 @@ batch-norm entries and classifier rows) and chosen blocks of every stage:
 * the search's export (:func:`export`) reads the supernet: first channels of
   every kernel and the chosen width candidate's own batch norm.
 
+Any searchable network (:mod:`tas_jax.nets.searchable`) is exported the same
+way by :func:`export_searchable`, which slices its layers in place of a copy.
+
 A projection shortcut the smaller network has where the source has an
 identity starts as the identity on the channels both sides keep (a 0/1
 selection kernel, neutral batch norm), so a network of the source's own shape
@@ -28,6 +31,7 @@ from flax import nnx
 
 from tas_jax.core import shapes
 from tas_jax.nets import resnet
+from tas_jax.nets import searchable
 from tas_jax.nets import supernet as supernet_lib
 
 _BN_FIELDS = ("scale", "bias", "mean", "var")
@@ -208,3 +212,45 @@ def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
 def _load_conv(dst: resnet.ConvBN, src: supernet_lib.SuperConv, j: int, cin: int, cout: int):
   _set(dst.conv.kernel, src.kernel[...][:, :, :cin, :cout])
   _set_bn(dst.bn, *(getattr(src, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var")))
+
+
+def export_searchable(model: nnx.Module, choice: dict | None = None) -> nnx.Module:
+  """The argmax network of a searchable ``model`` (or ``choice``'s) as a concrete network in eval mode.
+
+  Every layer keeps the first channels of its chosen input and output widths and its chosen width
+  candidate's own norm; every stack keeps its first blocks up to its chosen depth; every group becomes a
+  fixed width. ``model`` is not changed.
+  """
+  choice = searchable.argmax_choice(model) if choice is None else choice
+  net = nnx.clone(model)
+  chosen = {}
+  for p, g in searchable.nodes(net, searchable.Width):
+    i = choice.get(p, len(g.candidates) - 1)
+    chosen[id(g)] = (i, g.candidates[i])
+  for _, layer in searchable.nodes(net, searchable.Layer):
+    _, cin = chosen[id(layer.cin)]
+    i, cout = chosen[id(layer.out)]
+    k = layer.kernel[...]
+    _set(layer.kernel, k[..., :cout] if getattr(layer, "depthwise", False) else k[..., :cin, :cout])
+    if layer.norm:
+      for name in ("scale", "offset", "mean", "var"):
+        v = getattr(layer, name)
+        _set(v, v[...][i:i + 1, :cout])
+    if layer.bias is not None:
+      _set(layer.bias, layer.bias[...][:cout])
+  for p, s in searchable.nodes(net, searchable.Stack):
+    d = s.choices[choice.get(p, len(s.choices) - 1)]
+    s.blocks = nnx.List(list(s.blocks)[:d])
+    s.choices = (d,)
+    s.logits = searchable.ArchParam(jnp.zeros((1,), jnp.float32))
+    s.q = searchable.Draw(jnp.ones((1,), jnp.float32))
+    s.hard = True
+  for _, g in searchable.nodes(net, searchable.Width):
+    _, c = chosen[id(g)]
+    g.nominal, g.candidates = c, (c,)
+    g.logits = searchable.ArchParam(jnp.zeros((1,), jnp.float32))
+    g.idx = searchable.Draw(jnp.zeros((1,), jnp.int32))
+    g.weight = searchable.Draw(jnp.ones((1,), jnp.float32))
+    g.hard = True
+  net.eval()  # for inference; net.train() to fine-tune it
+  return net

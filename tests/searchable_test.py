@@ -1,0 +1,282 @@
+"""Searchable layers (tas_jax.nets.searchable) against references written from TAS's formulas.
+
+References: enumeration of every joint choice for the expected cost (each choice
+exported and counted from its traced program), numpy batch norm and segment
+averages for channel-wise interpolation, the sampling module's documented keys
+for the draws.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import prototype_search
+from flax import nnx
+
+from tas_jax.core import macs, sampling
+from tas_jax.nets import cost_graph, searchable as S, surgery
+from tas_jax.steps.searchable import Search
+
+RATIOS = (0.5, 1.0)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, stream, rngs, ratios=RATIOS):
+    hidden = S.Width(4, ratios=ratios, rngs=rngs)
+    self.a = S.Conv(stream, hidden, 3, rngs=rngs)
+    self.b = S.Conv(hidden, stream, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.nn.relu(x + self.b(jax.nn.relu(self.a(x))))
+
+
+class Tiny(nnx.Module):
+  """A stem, a stack of two residual blocks (depth 1 or 2), a 1x1 conv reading and writing one group, a head."""
+
+  def __init__(self, rngs, ratios=RATIOS):
+    stream = S.Width(6, ratios=ratios, rngs=rngs)
+    self.stem = S.Conv(3, stream, 3, rngs=rngs)
+    self.stack = S.Stack([Block(stream, rngs, ratios), Block(stream, rngs, ratios)], rngs=rngs)
+    self.mix = S.Conv(stream, stream, 1, stride=2, rngs=rngs)
+    self.head = S.Dense(stream, 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stack(jax.nn.relu(self.stem(x)))
+    return self.head(jax.nn.relu(self.mix(x)).mean(axis=(1, 2)))
+
+
+def _randomise(model, seed):
+  for i, (_, node) in enumerate(S.searched(model)):
+    node.logits.set_value(2.0 * jax.random.normal(jax.random.key(seed * 100 + i), node.logits.shape))
+
+
+IMAGE = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  net = Tiny(nnx.Rngs(0))
+  _randomise(net, 1)
+  return net
+
+
+def test_expected_cost_is_the_mean_over_every_joint_choice(tiny):
+  """Catches E built from products of expected widths where a group appears twice (E[c]^2 for E[c^2]), a depth
+  weight applied to the wrong blocks (P(depth = j) for P(depth > j)), or a layer's cost left out."""
+  graph = cost_graph.trace(tiny, IMAGE)
+  searched = S.searched(tiny)
+  probs = {p: np.asarray(jax.nn.softmax(n.logits[...]), np.float64) for p, n in searched}
+  total = 0.0
+  for combo in itertools.product(*[range(len(probs[p])) for p, _ in searched]):
+    choice = dict(zip([p for p, _ in searched], combo))
+    weight = np.prod([probs[p][i] for p, i in choice.items()])
+    total += weight * macs.count(surgery.export_searchable(tiny, choice), IMAGE)
+  np.testing.assert_allclose(float(graph.expected(tiny)), total, rtol=1e-5)
+
+
+def test_discrete_cost_and_count_are_the_exported_networks_macs(tiny):
+  """Catches the argmax cost counting the nominal widths, the whole stack, or a different layer set than the
+  concrete network runs."""
+  graph = cost_graph.trace(tiny, IMAGE)
+  exported = surgery.export_searchable(tiny)
+  traced = macs.count(exported, IMAGE)
+  assert graph.count(tiny) == traced
+  assert float(graph.discrete(tiny)) == pytest.approx(traced, rel=1e-6)
+  assert graph.full(tiny) == macs.count(surgery.export_searchable(tiny, {p: len(n.logits[...]) - 1
+                                                               for p, n in S.searched(tiny)}), IMAGE)
+
+
+def test_argmax_supernet_equals_exported_network(tiny):
+  """Catches export slicing the wrong filters or the wrong candidate's batch norm, or the argmax forward
+  leaking channels beyond the chosen width."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  net = nnx.clone(tiny)
+  for layer in [n for _, n in S.nodes(net, S.Layer) if n.norm]:  # distinct statistics per candidate
+    k = jax.random.key(len(layer.mean[...].ravel()))
+    layer.mean.set_value(0.1 * jax.random.normal(k, layer.mean.shape))
+    layer.var.set_value(jax.random.uniform(k, layer.var.shape, minval=0.5, maxval=2.0))
+    layer.scale.set_value(jax.random.uniform(jax.random.fold_in(k, 1), layer.scale.shape, minval=0.5, maxval=1.5))
+  exported = surgery.export_searchable(net)
+  S.use_argmax(net)
+  net.eval()
+  exported.eval()
+  np.testing.assert_allclose(net(x), exported(x), rtol=1e-5, atol=1e-5)
+
+
+def _segment_average(z, c_in, c_out, channels):
+  """CWI from the formula: out[o] = mean z[floor(o c_in / c_out) : ceil((o + 1) c_in / c_out)], 0 beyond c_out."""
+  out = np.zeros(z.shape[:-1] + (channels,))
+  for o in range(c_out):
+    lo, hi = (o * c_in) // c_out, -(-((o + 1) * c_in) // c_out)
+    out[..., o] = z[..., lo:hi].mean(-1)
+  return out
+
+
+def test_search_forward_of_a_conv_matches_the_formula():
+  """Catches per-candidate norms sharing statistics or parameters, CWI to the wrong width, weights not
+  re-normalised over the drawn widths, running statistics updated for candidates not drawn, or draws
+  not following the documented keys."""
+  rngs = nnx.Rngs(3)
+  w = S.Width(10, ratios=(0.3, 0.5, 0.8, 1.0), rngs=rngs)
+  conv = S.Conv(4, w, 3, rngs=rngs)
+  k = len(w.candidates)
+  conv.scale.set_value(jax.random.uniform(jax.random.key(1), (k, 10), minval=0.5, maxval=1.5))
+  conv.offset.set_value(jax.random.normal(jax.random.key(2), (k, 10)))
+  w.logits.set_value(jnp.array([0.3, -0.2, 0.5, 0.1]))
+  x = np.asarray(jax.random.normal(jax.random.key(4), (3, 5, 5, 4)), np.float64)
+  key, tau = jax.random.key(7), 2.0
+  S.sample(conv, key, tau)
+  idx, weight = sampling.sample_widths(jax.random.fold_in(jax.random.split(key)[0], 0), w.logits[...], tau, 2)
+  np.testing.assert_array_equal(w.idx[...], idx)
+  got = conv(jnp.asarray(x, jnp.float32))
+
+  y = np.asarray(jax.lax.conv_general_dilated(x, np.asarray(conv.kernel[...], np.float64), (1, 1),
+                                              ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  m, v = y.mean((0, 1, 2)), y.var((0, 1, 2))
+  widths = [w.candidates[int(i)] for i in idx]
+  c_star = max(widths)
+  want = 0
+  for j, i in enumerate(np.asarray(idx)):
+    z = (y - m) / np.sqrt(v + 1e-5) * np.asarray(conv.scale[...][i]) + np.asarray(conv.offset[...][i])
+    want = want + float(weight[j]) * _segment_average(z[..., :widths[j]], widths[j], c_star, 10)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  n = 3 * 5 * 5
+  drawn = np.isin(np.arange(k), np.asarray(idx))
+  np.testing.assert_allclose(np.asarray(conv.mean[...])[drawn], np.tile(0.1 * m, (2, 1)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(conv.var[...])[drawn], np.tile(0.9 + 0.1 * v * n / (n - 1), (2, 1)),
+                             rtol=1e-4)
+  assert (np.asarray(conv.mean[...])[~drawn] == 0).all() and (np.asarray(conv.var[...])[~drawn] == 1).all()
+
+
+def test_stack_mixes_candidate_depths_with_soft_weights():
+  """Catches a hard choice where TAS mixes softly, mixing weights applied to the wrong depths, or a stack
+  that drops a block every depth choice keeps."""
+  rngs = nnx.Rngs(0)
+  blocks = [S.Dense(6, 6, rngs=rngs) for _ in range(3)]
+  stack = S.Stack(blocks, choices=(1, 3), rngs=rngs)
+  stack.logits.set_value(jnp.array([0.4, -0.1]))
+  x = jax.random.normal(jax.random.key(1), (2, 6))
+  key = jax.random.key(5)
+  S.sample(stack, key, 1.5)
+  q = sampling.sample_depth(jax.random.fold_in(jax.random.split(key)[1], 0), stack.logits[...], 1.5)
+  y1 = blocks[0](x)
+  y3 = blocks[2](blocks[1](y1))
+  np.testing.assert_allclose(stack(x), q[0] * y1 + q[1] * y3, rtol=1e-5, atol=1e-6)
+
+
+def test_search_moves_the_cost_into_its_band_and_learns():
+  """Catches a cost loss pushing the wrong way, an architecture step that never changes the argmax cost, or an
+  export outside the band; a weight step that does not learn leaves the loss at chance."""
+  net = Tiny(nnx.Rngs(1), ratios=S.WIDTH_RATIOS)
+  search = Search.create(net, IMAGE, target_ratio=0.5, cost_weight=4.0, arch_tx=optax.adam(0.05))
+  state, first, m = prototype_search(search, net, 8, 5, noise=0.3)
+  low, high = search.band_limits()
+  assert float(m["weight_loss"]) < min(float(first["weight_loss"]), np.log(5)) - 0.2
+  exported = search.export(state)
+  assert low <= macs.count(exported, IMAGE) <= high
+
+
+@pytest.mark.parametrize("start, target", [(-1, 0.4), (0, 0.8)])
+def test_architecture_step_moves_the_expected_cost_towards_the_target(start, target):
+  """Catches a cost loss with its sign reversed or decided by the expected instead of the discrete cost, or
+  an architecture step that ignores the cost: from the widest (narrowest) argmax the expected cost must fall
+  (rise) towards a target below (above) it."""
+  net = Tiny(nnx.Rngs(2), ratios=S.WIDTH_RATIOS)
+  for _, node in S.searched(net):
+    node.logits.set_value(jax.nn.one_hot(start % node.logits.shape[0], node.logits.shape[0]))
+  search = Search.create(net, IMAGE, target_ratio=target, cost_weight=50.0)
+  state = search.init(net)
+  step = jax.jit(search.step)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  y = jnp.arange(8) % 5
+  ratios = []
+  for i in range(3):
+    state, m = step(state, (x, y), (x, y), jax.random.key(i), 1.0)
+    ratios.append(float(m["expected_ratio"]))
+  if start == -1:
+    assert ratios[2] < ratios[0] and float(m["discrete_ratio"]) > target
+  else:
+    assert ratios[2] > ratios[0] and float(m["discrete_ratio"]) < target
+
+
+def test_bad_declarations_are_refused():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="depthwise"):
+    S.Conv(S.Width(8, rngs=rngs), S.Width(8, rngs=rngs), 3, depthwise=True, rngs=rngs)
+  with pytest.raises(ValueError, match="depth choices"):
+    S.Stack([S.Dense(4, 4, rngs=rngs)] * 2, choices=(1,), rngs=rngs)
+  with pytest.raises(ValueError, match="outside what"):
+    Search.create(Tiny(rngs), IMAGE, target_ratio=0.01)
+
+
+@pytest.mark.slow
+def test_custom_model_example_runs_in_three_minutes():
+  """Catches the README's own-network example breaking (an API it uses renamed) or slowing past its promise."""
+  import os, subprocess, sys, time
+  from conftest import ROOT
+  start = time.time()
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "custom_model.py")], capture_output=True,
+                       text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert time.time() - start < 180
+  acc = float(out.stdout.rsplit("test accuracy after the search:", 1)[1].split()[0])
+  assert acc > 0.1
+
+
+def test_step_sharded_over_eight_devices_equals_one_device():
+  """Catches a step whose statistics or gradients depend on how the batch is split over devices (per-shard batch
+  norm, a missing all-reduce): with the batch sharded over 8 devices and everything else replicated, two
+  iterations must give the single-device state."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  net = Tiny(nnx.Rngs(4))
+  search = Search.create(net, IMAGE, target_ratio=0.6)
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  y = jnp.arange(16) % 5
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  results = []
+  for shard in (False, True):
+    state = search.init(net)
+    batch = (x, y)
+    if shard:
+      state = jax.device_put(state, rep)
+      batch = jax.device_put(batch, data)
+    step = jax.jit(search.step)
+    for i in range(2):
+      state, _ = step(state, batch, batch, jax.random.key(i), 2.0)
+    results.append(state)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_a_described_choice_rebuilds_the_same_network(tiny):
+  """Catches a record that cannot be read back into the network it describes (a path renamed, an index stored
+  for a width), and a foreign or damaged record accepted silently."""
+  choice = {p: 0 for p, _ in S.searched(tiny)}
+  record = S.describe(tiny, choice)
+  rebuilt = Tiny(nnx.Rngs(0))  # the same architecture, other weights
+  assert S.choice_of(rebuilt, record) == choice
+  assert macs.count(surgery.export_searchable(rebuilt, S.choice_of(rebuilt, record)), IMAGE) == macs.count(surgery.export_searchable(tiny, choice), IMAGE)
+  name = next(iter(record))
+  with pytest.raises(ValueError, match="not one of its candidates"):
+    S.choice_of(rebuilt, {**record, name: 999})
+  with pytest.raises(ValueError, match="names no width"):
+    S.choice_of(rebuilt, {k: v for k, v in record.items() if k != name})
+
+
+def test_an_export_outside_an_unreachable_band_is_reported(tiny, caplog):
+  """Catches an export silently out of its band when the space has no network inside it."""
+  graph = cost_graph.trace(tiny, IMAGE)
+  full = graph.full(tiny)
+  searched = S.searched(tiny)
+  costs = sorted({graph.count(tiny, dict(zip([p for p, _ in searched], c))) / full
+                  for c in itertools.product(*[range(len(n.logits[...])) for _, n in searched])})
+  gap = next((a, b) for a, b in zip(costs, costs[1:]) if b - a > 0.08)  # nothing in (a, b)
+  search = Search.create(tiny, IMAGE, target_ratio=gap[1] - 0.01)
+  with caplog.at_level("WARNING", logger="tas_jax"):
+    search.export(search.init(tiny))
+  assert "no network the fitting reaches lies in the cost band" in caplog.text
