@@ -128,3 +128,13 @@ def test_flops_command_counts_the_families(capsys):
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert (rows[0]["macs"], rows[0]["params"]) == (300_774_272, 3_504_872)
   assert rows[1]["macs"] == 313_201_664
+
+
+@pytest.mark.slow
+def test_benchmark_times_a_family(capsys):
+  """Catches the benchmark's family mode breaking (an API of the searchable step it times renamed)."""
+  import json
+  from tas_jax.cli import benchmark
+  assert benchmark.main(["--model", "vit", "--steps", "1", "--batch_size", "8", "--json"]) == 0
+  row = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert row["macs"] == 57_017_600 and row["search_iter_s"] > 0 and row["overhead"] > 0

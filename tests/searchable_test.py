@@ -211,6 +211,8 @@ def test_bad_declarations_are_refused():
     S.Stack([S.Dense(4, 4, rngs=rngs)] * 2, choices=(1,), rngs=rngs)
   with pytest.raises(ValueError, match="outside what"):
     Search.create(Tiny(rngs), IMAGE, target_ratio=0.01)
+  with pytest.raises(ValueError, match="reads 8 channels"):
+    S.Conv(S.Width(8, rngs=rngs), 4, 3, rngs=rngs)(jnp.zeros((1, 4, 4, 3)))
 
 
 @pytest.mark.slow
@@ -280,3 +282,25 @@ def test_an_export_outside_an_unreachable_band_is_reported(tiny, caplog):
   with caplog.at_level("WARNING", logger="tas_jax"):
     search.export(search.init(tiny))
   assert "no network the fitting reaches lies in the cost band" in caplog.text
+
+
+def test_weight_step_leaves_the_norms_of_undrawn_candidates_untouched():
+  """Catches weight decay or momentum moving the norm of a candidate the forward did not draw (the official
+  code's per-candidate norms get no gradient then, and PyTorch skips them), and a mask that also freezes
+  the drawn ones."""
+  net = Tiny(nnx.Rngs(5), ratios=S.WIDTH_RATIOS)
+  search = Search.create(net, IMAGE, target_ratio=0.6)
+  state = search.init(net)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  batch = (x, jnp.arange(8) % 5)
+  key = jax.random.key(3)
+  new, _ = jax.jit(search.step)(state, batch, batch, key, 2.0)
+  model = search.model(state)
+  model.train()
+  S.sample(model, jax.random.split(key)[0], 2.0, search.num_sampled)  # the weight step's draw
+  drawn = np.zeros(len(model.stem.out.candidates), bool)
+  drawn[np.asarray(model.stem.out.idx[...])] = True
+  before = np.asarray(state["weights"]["stem"]["scale"][...])
+  after = np.asarray(new["weights"]["stem"]["scale"][...])
+  np.testing.assert_array_equal(after[~drawn], before[~drawn])
+  assert (np.abs(after[drawn] - before[drawn]).max(axis=1) > 0).all()

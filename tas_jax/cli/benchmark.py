@@ -1,6 +1,7 @@
 """Time a TAS search iteration against plain and distillation training steps.
 
   python -m tas_jax.cli.benchmark [--model resnet20] [--batch_size 64] [--steps 10] [--json]
+  python -m tas_jax.cli.benchmark --model vgg16      # a searchable family: vgg16, vgg19, mobilenetv2, vit
 
 Reports compile time and steady-state time (median of --steps runs after
 warm-up, each waited for with block_until_ready) of
@@ -11,6 +12,11 @@ plus images per second, overhead = (a) / (2 x (b)) (TAS needs two passes per
 iteration, so 1.0 is the physical minimum), the time the input pipeline makes
 the search loop wait per step (data_wait_s), and peak device memory where the
 backend reports it. With --json, one JSON object per line.
+
+For a searchable family (:mod:`tas_jax.nets.families`) it times (a) the
+iteration of :mod:`tas_jax.steps.searchable` and, for (b), a forward and
+backward pass of the unpruned network (its export at full widths), without
+an optimiser; the data wait and the distillation step are left out.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from tas_jax.runtime import parallel
 from tas_jax.nets import resnet
 from tas_jax.core import shapes
 from tas_jax.core import shape_files
+from tas_jax.core import distill
+from tas_jax.nets import cost_graph, families, searchable, surgery
+from tas_jax.steps.searchable import Search
 
 
 def time_calls(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
@@ -143,6 +152,38 @@ def data_wait(bench: dict, batch_size: int, steps: int, mesh) -> float:
   return statistics.median(waits)
 
 
+def bench_family(name: str, batch_size: int, steps: int) -> dict:
+  """The search iteration of a searchable family and a forward + backward pass of its unpruned network."""
+  from flax import nnx
+  fam = families.FAMILIES[name]
+  net = families.build(name)
+  size = fam.image_size
+  search = Search.create(net, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32), target_ratio=0.5)
+  rng = np.random.default_rng(0)
+  batch = lambda: (jnp.asarray(rng.normal(size=(batch_size, size, size, 3)), jnp.float32),
+                   jnp.asarray(rng.integers(0, fam.num_classes, batch_size), jnp.int32))
+  tb, vb, key = batch(), batch(), jax.random.key(0)
+  step = jax.jit(search.step)
+  holder = {"state": search.init(net)}
+
+  def run():
+    holder["state"], m = step(holder["state"], tb, vb, key, jnp.float32(5.0))
+    return m
+
+  compile_s, step_s = time_calls(run, steps)
+  full = surgery.export_searchable(net, searchable.full_choice(net))
+  full.train()
+  graphdef, params, rest = nnx.split(full, nnx.Param, ...)
+
+  @jax.jit
+  def grad_step(params, x, y):
+    return jax.grad(lambda p: distill.cross_entropy(nnx.merge(graphdef, p, rest, copy=True)(x), y))(params)
+
+  train_compile_s, train_step_s = time_calls(lambda: grad_step(params, *tb), steps)
+  return {"search_iter_s": step_s, "compile_s": compile_s, "train_step_s": train_step_s,
+          "train_compile_s": train_compile_s, "macs": cost_graph.trace(net, tb[0][:1]).full(net)}
+
+
 def make_parser() -> argparse.ArgumentParser:
   """The command line of ``python -m tas_jax.cli.benchmark``."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +199,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   parser = make_parser()
   args = parser.parse_args(argv)
+  if args.model in families.FAMILIES:
+    return _family_main(args)
   try:
     base = shape_files.preset(args.model)
     if base.arch != "cifar":
@@ -183,11 +226,10 @@ def main(argv=None) -> int:
                 "kd_shape_macs_ratio": cost_lib.count(half).macs / cost_lib.count(base).macs})
   row["peak_memory_mib"] = _peak_memory()
   if args.json:
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}))
+    _print_json(row)
   else:
     print(f"{args.model} batch {args.batch_size} {args.dtype} on {row['devices']} x {row['device']}")
-    print(f"  search iteration   {1e3 * row['search_iter_s']:9.1f} ms   {row['images_per_s']:8.1f} img/s   "
-          f"compile {row['compile_s']:.1f} s")
+    _print_search(row)
     print(f"  train step         {1e3 * row['train_step_s']:9.1f} ms   {row['train_images_per_s']:8.1f} img/s   "
           f"compile {row['train_compile_s']:.1f} s")
     if "kd_step_s" in row:
@@ -196,6 +238,31 @@ def main(argv=None) -> int:
     print(f"  data wait          {1e3 * wait:9.2f} ms/step ({100 * row['data_wait_fraction']:.2f}% of the iteration)")
     if row["peak_memory_mib"] is not None:
       print(f"  peak memory        {row['peak_memory_mib']:9.1f} MiB")
+  return 0
+
+
+def _print_json(row: dict) -> None:
+  print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}))
+
+
+def _print_search(row: dict) -> None:
+  print(f"  search iteration   {1e3 * row['search_iter_s']:9.1f} ms   {row['images_per_s']:8.1f} img/s   "
+        f"compile {row['compile_s']:.1f} s")
+
+
+def _family_main(args) -> int:
+  f = bench_family(args.model, args.batch_size, args.steps)
+  row = {"model": args.model, "batch_size": args.batch_size, "device": jax.devices()[0].device_kind,
+         "search_iter_s": f["search_iter_s"], "compile_s": f["compile_s"], "grad_step_s": f["train_step_s"],
+         "grad_compile_s": f["train_compile_s"], "overhead": f["search_iter_s"] / (2 * f["train_step_s"]),
+         "images_per_s": args.batch_size / f["search_iter_s"], "macs": f["macs"]}
+  if args.json:
+    _print_json(row)
+  else:
+    print(f"{args.model} batch {args.batch_size} on {row['device']} ({row['macs']:,} MACs unpruned)")
+    _print_search(row)
+    print(f"  forward + backward {1e3 * row['grad_step_s']:9.1f} ms   compile {row['grad_compile_s']:.1f} s")
+    print(f"  overhead (a)/(2b)  {row['overhead']:9.3f}")
   return 0
 
 

@@ -77,8 +77,7 @@ class CostGraph:
 
   def full(self, model) -> int:
     """The unpruned network's: every group at its nominal width, every stack whole."""
-    return self.count(model, {p: len(n.candidates if isinstance(n, Width) else n.choices) - 1
-                              for p, n in searchable.searched(model)})
+    return self.count(model, searchable.full_choice(model))
 
   def smallest(self, model) -> int:
     """The cheapest network of the search space: every group at its narrowest, every stack at its shallowest."""

@@ -180,6 +180,11 @@ class Layer(nnx.Module):
       self.var = nnx.BatchStat(jnp.ones((k, c), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((c,), jnp.float32)) if bias else None
 
+  def _check_input(self, x):
+    if x.shape[-1] != self.cin.nominal:
+      raise ValueError(f"{type(self).__name__} reads {self.cin.nominal} channels (its input width group), got an "
+                       f"input of {x.shape[-1]}: declare the group that produces its input as its cin")
+
   def _finish(self, y):
     """Bias, candidate norms and the CWI fold of the drawn widths: y [..., C] -> [..., C], zero beyond."""
     group = self.out
@@ -242,6 +247,7 @@ class Conv(Layer):
     self._init_norm(norm, bias, rngs)
 
   def __call__(self, x):
+    self._check_input(x)
     kernel = self.kernel[...].astype(x.dtype)
     if self.depthwise or self.pad != self.kernel_size // 2:
       y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, ((self.pad,) * 2,) * 2,
@@ -264,6 +270,7 @@ class Dense(Layer):
     self._init_norm(norm, bias, rngs)
 
   def __call__(self, x):
+    self._check_input(x)
     y = jnp.dot(x, self.kernel[...].astype(x.dtype))
     record(math.prod(x.shape[1:-1]), self.cin, self.out)
     return self._finish(y)
@@ -305,6 +312,24 @@ def use_argmax(model: nnx.Module) -> None:
     s.hard = True
 
 
+def drawn_mask(model: nnx.Module) -> nnx.State:
+  """Which weights the drawn forward used, as a tree like ``nnx.state(model, nnx.Param)`` of booleans.
+
+  False only for the norm scales and offsets of the width candidates not drawn: each candidate's norm is
+  its own module in the official code, so those get no gradient and PyTorch's optimiser leaves them (and
+  their momentum) untouched (see :func:`tas_jax.core.optim.masked_update`).
+  """
+  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+  mask = nnx.merge(graphdef, jax.tree.map(lambda _: jnp.ones((), bool), weights), rest, copy=True)
+  for (_, layer), (_, real) in zip(nodes(mask, Layer), nodes(model, Layer)):
+    if layer.norm:
+      k = len(real.out.candidates)
+      drawn = (real.out.idx[...][:, None] == jnp.arange(k)).any(axis=0)[:, None]  # [K, 1]
+      layer.scale.set_value(drawn)
+      layer.offset.set_value(drawn)
+  return nnx.state(mask, nnx.Param)
+
+
 # ----------------------------------------------------------------------------- costs
 
 _RECORDS: list | None = None
@@ -343,6 +368,11 @@ def _in_block(stack, j):
 def searched(model) -> list:
   """(path, node) of every searched width group and stack, in graph order."""
   return [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, (Width, Stack)) and not n.fixed]
+
+
+def full_choice(model) -> dict:
+  """The unpruned network's choice: every searched group at its nominal width, every stack whole."""
+  return {p: len(_options(n)) - 1 for p, n in searched(model)}
 
 
 def argmax_choice(model) -> dict:

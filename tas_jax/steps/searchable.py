@@ -48,11 +48,12 @@ class Search:
   tolerance: float
   cost_weight: float
   num_sampled: int
+  freeze_undrawn: bool = True  # the norms of candidates not drawn keep their values and optimiser state
 
   @classmethod
   def create(cls, model: nnx.Module, example, *, target_ratio: float, weight_tx=None, arch_tx=None,
              band: str = "official", tolerance: float = 0.05, cost_weight: float = 2.0,
-             num_sampled: int = 2) -> "Search":
+             num_sampled: int = 2, freeze_undrawn: bool = True) -> "Search":
     """Trace ``model`` on ``example`` (one batch of images, or its ShapeDtypeStruct) and check the target."""
     graph = cost_graph.trace(model, example)
     full = graph.full(model)
@@ -62,7 +63,7 @@ class Search:
                        f"[{smallest:.3f}, 1.0)")
     return cls(nnx.graphdef(model), graph, weight_tx or optim.weight_optimizer(0.05),
                arch_tx or optim.arch_optimizer(1e-3), target_ratio * full, full, band, tolerance, cost_weight,
-               num_sampled)
+               num_sampled, freeze_undrawn)
 
   def init(self, model: nnx.Module) -> dict:
     _, weights, arch, stats, rest = nnx.split(model, nnx.Param, searchable.ArchParam, nnx.BatchStat, ...)
@@ -86,11 +87,15 @@ class Search:
     def weight_loss(weights):
       model, logits = self._forward(weights, s["arch"], s["stats"], s["rest"], train_batch[0], k_w, tau)
       loss = distill.cross_entropy(logits, train_batch[1])
-      return loss, (nnx.state(model, nnx.BatchStat), distill.accuracy(logits, train_batch[1]))
+      return loss, (nnx.state(model, nnx.BatchStat), distill.accuracy(logits, train_batch[1]),
+                    searchable.drawn_mask(model))
 
-    (w_loss, (stats, w_acc)), grads = jax.value_and_grad(weight_loss, has_aux=True)(s["weights"])
-    updates, w_opt = self.w_tx.update(grads, s["w_opt"], s["weights"])
-    weights = optax.apply_updates(s["weights"], updates)
+    (w_loss, (stats, w_acc, drawn)), grads = jax.value_and_grad(weight_loss, has_aux=True)(s["weights"])
+    if self.freeze_undrawn:
+      weights, w_opt = optim.masked_update(self.w_tx, grads, s["w_opt"], s["weights"], drawn)
+    else:
+      updates, w_opt = self.w_tx.update(grads, s["w_opt"], s["weights"])
+      weights = optax.apply_updates(s["weights"], updates)
 
     def arch_loss(arch):
       model, logits = self._forward(weights, arch, stats, s["rest"], valid_batch[0], k_a, tau)
