@@ -1,6 +1,6 @@
 """Search a network of your own with TAS: declare its widths and depths, search at half its MACs, export it.
 
-Run from the repository root: ``.venv/bin/python examples/custom_model.py`` (about a minute on two CPU cores).
+Run from the repository root: ``.venv/bin/python examples/custom_model.py`` (about a minute and a half on two CPU cores).
 """
 
 import jax

@@ -1,7 +1,10 @@
 """The jaxpr counter (tas_jax.core.macs) against multiply-accumulates written by hand from the op shapes."""
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tas_jax.core import macs
@@ -41,8 +44,8 @@ def test_nested_programs_scan_cond_and_free_ops():
   assert macs.count(scanned, f32(2, 3), f32(3, 3)) == 5 * 2 * 3 * 3
 
   def branchy(p, a, b):
-    return jax.lax.cond(p, lambda: a @ b, lambda: jnp.zeros((2, 4)))
-  assert macs.count(branchy, True, f32(2, 3), f32(3, 4)) == 24
+    return jax.lax.cond(p, lambda: a @ b, lambda: a[:, :2] @ b[:2])
+  assert macs.count(branchy, True, f32(2, 3), f32(3, 4)) == 24  # the dearer branch (2*3*4), not both (24 + 16)
   assert macs.count(lambda x: jax.nn.softmax(x).sum() * jnp.exp(x).mean(), f32(10, 10)) == 0
 
 
@@ -50,3 +53,20 @@ def test_while_loop_is_refused():
   """Catches a loop without a static trip count silently counted as zero or once."""
   with pytest.raises(macs.CountError, match="while loop"):
     macs.count(lambda x: jax.lax.while_loop(lambda c: c.sum() < 10, lambda c: c @ c, x), f32(2, 2))
+
+
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 8), (2, 7)])
+def test_depthwise_conv_equals_the_convolution_and_counts_as_one(stride, size):
+  """Catches the CPU's shifted-product depthwise conv computing something else than the grouped convolution
+  (a tap misaligned, a stride or odd size cropped wrongly, a wrong gradient), or being counted as free."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5)
+  fast = lambda x, k: conv_lib.depthwise(x, k, stride)
+  np.testing.assert_allclose(fast(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda x, k: (ref(x, k) ** 2).sum(), argnums=(0, 1))(x, k)
+  g_fast = jax.grad(lambda x, k: (fast(x, k) ** 2).sum(), argnums=(0, 1))(x, k)
+  for a, b in zip(g_fast, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert macs.count(fast, x, k) == macs.count(ref, x, k) == math.prod(ref(x, k).shape) * 9

@@ -169,8 +169,8 @@ def test_stack_mixes_candidate_depths_with_soft_weights():
 
 
 def test_search_moves_the_cost_into_its_band_and_learns():
-  """Catches a cost loss pushing the wrong way, an architecture step that never changes the argmax cost, or an
-  export outside the band; a weight step that does not learn leaves the loss at chance."""
+  """Catches a weight step that does not learn through the search forward (the loss stays at chance) and an
+  export outside the band after fitting; the direction of the cost loss is the next test's."""
   net = Tiny(nnx.Rngs(1), ratios=S.WIDTH_RATIOS)
   search = Search.create(net, IMAGE, target_ratio=0.5, cost_weight=4.0, arch_tx=optax.adam(0.05))
   state, first, m = prototype_search(search, net, 8, 5, noise=0.3)
@@ -180,15 +180,21 @@ def test_search_moves_the_cost_into_its_band_and_learns():
   assert low <= macs.count(exported, IMAGE) <= high
 
 
-@pytest.mark.parametrize("start, target", [(-1, 0.4), (0, 0.8)])
-def test_architecture_step_moves_the_expected_cost_towards_the_target(start, target):
+@pytest.mark.parametrize("start, scale, target", [(-1, 1.0, 0.4), (0, 1.0, 0.8), (-1, 0.02, 0.6)])
+def test_architecture_step_moves_the_expected_cost_towards_the_target(start, scale, target):
   """Catches a cost loss with its sign reversed or decided by the expected instead of the discrete cost, or
   an architecture step that ignores the cost: from the widest (narrowest) argmax the expected cost must fall
-  (rise) towards a target below (above) it."""
+  (rise) towards a target below (above) it. In the third case the logits are almost uniform: the argmax is
+  the widest network (above the band) while the expected cost lies below the band, so only a sign taken from
+  the discrete cost makes E fall."""
   net = Tiny(nnx.Rngs(2), ratios=S.WIDTH_RATIOS)
   for _, node in S.searched(net):
-    node.logits.set_value(jax.nn.one_hot(start % node.logits.shape[0], node.logits.shape[0]))
+    node.logits.set_value(scale * jax.nn.one_hot(start % node.logits.shape[0], node.logits.shape[0]))
   search = Search.create(net, IMAGE, target_ratio=target, cost_weight=50.0)
+  if scale < 1:
+    low, high = search.band_limits()
+    graph = search.graph
+    assert float(graph.expected(net)) < low and float(graph.discrete(net)) > high
   state = search.init(net)
   step = jax.jit(search.step)
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
@@ -268,6 +274,10 @@ def test_a_described_choice_rebuilds_the_same_network(tiny):
     S.choice_of(rebuilt, {**record, name: 999})
   with pytest.raises(ValueError, match="names no width"):
     S.choice_of(rebuilt, {k: v for k, v in record.items() if k != name})
+  with pytest.raises(ValueError, match="does not search"):
+    S.choice_of(rebuilt, {**record, "other/out": 4})
+  with pytest.raises(ValueError, match="not one of its candidates"):
+    S.choice_of(rebuilt, {**record, name: record[name] + 0.5})
 
 
 def test_an_export_outside_an_unreachable_band_is_reported(tiny, caplog):
@@ -304,3 +314,31 @@ def test_weight_step_leaves_the_norms_of_undrawn_candidates_untouched():
   after = np.asarray(new["weights"]["stem"]["scale"][...])
   np.testing.assert_array_equal(after[~drawn], before[~drawn])
   assert (np.abs(after[drawn] - before[drawn]).max(axis=1) > 0).all()
+
+
+def test_fitting_a_band_nothing_reaches_keeps_the_cheaper_side():
+  """Catches band fitting that, finding nothing inside the band, ends on the network above it (here the
+  whole one) instead of the last choice within the target."""
+  rngs = nnx.Rngs(0)
+  stack = S.Stack([S.Dense(10, 10, rngs=rngs), S.Dense(10, 10, rngs=rngs)], rngs=rngs)
+  stack.logits.set_value(jnp.array([0.0, 1.0]))  # argmax: both blocks, 200 MACs
+  graph = cost_graph.trace(stack, jax.ShapeDtypeStruct((1, 10), jnp.float32))
+  assert graph.count(stack, graph.fit(stack, 140, 160)) == 100
+
+
+def test_declarations_the_trace_cannot_use_are_refused():
+  """Catches a searched group no layer writes (its channels would never be cut, its export would fail) and a
+  stack whose candidate outputs differ in shape, each passing silently or failing deep inside JAX."""
+  rngs = nnx.Rngs(0)
+
+  class Unwritten(nnx.Module):
+    def __init__(self):
+      self.w = S.Width(8, rngs=rngs)
+      self.fc = S.Dense(self.w, 4, rngs=rngs)
+    def __call__(self, x):
+      return self.fc(x)
+  with pytest.raises(ValueError, match="no searchable layer writes it"):
+    cost_graph.trace(Unwritten(), jax.ShapeDtypeStruct((1, 8), jnp.float32))
+  shrink = S.Stack([S.Conv(3, 3, 3, stride=2, rngs=rngs), S.Conv(3, 3, 3, stride=2, rngs=rngs)], rngs=rngs)
+  with pytest.raises(ValueError, match="differ in shape"):
+    shrink(jnp.zeros((1, 8, 8, 3)))

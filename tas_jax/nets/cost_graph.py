@@ -92,15 +92,17 @@ class CostGraph:
     adds, among those that stay at most ``high``; when every step up
     overshoots (a coarse choice, such as one more block), the best of them is
     taken, that candidate becomes the floor of its group, and the steps down
-    resume. A choice already inside is returned as is; a space with nothing
-    in the band ends at the last choice at most ``high`` it reached, or at its
-    smallest.
+    resume. A choice already inside is returned as is; when no step is left
+    outside the band, the last choice at most ``high`` it reached (if any).
     """
     choice = searchable.argmax_choice(model)
     logp = {p: np.asarray(jax.nn.log_softmax(n.logits[...])) for p, n in searchable.searched(model)}
     floor = {p: 0 for p in logp}
     cost = self.count(model, choice)
+    reached = None  # the last choice at most `high`, for a band nothing reaches
     while not low <= cost <= high:
+      if cost <= high:
+        reached = dict(choice)
       down = cost > high
       moves = []
       for p, lp in logp.items():
@@ -112,7 +114,7 @@ class CostGraph:
         if gain > 0:
           moves.append(((lp[choice[p]] - lp[i]) / gain, not down and moved > high, p, i, moved))
       if not moves:
-        break
+        return reached if reached is not None and cost > high else choice
       _, over, p, i, cost = min(moves, key=lambda m: (m[1], m[0]))  # a move that stays in reach first
       choice[p] = i
       if over:
@@ -134,6 +136,14 @@ def trace(model: nnx.Module, example) -> CostGraph:
   with searchable.recording() as records:
     jax.eval_shape(run, state, example)
   paths = {id(node): path for path, node in nnx.iter_graph(seen[0])}
+  written = {id(layer.out) for _, layer in searchable.nodes(seen[0], searchable.Layer)}
+  for path, node in searchable.searched(seen[0]):
+    if isinstance(node, Width) and id(node) not in written:
+      raise ValueError(f"width group {'/'.join(map(str, path))} is searched but no searchable layer writes it: its "
+                       "channels would never be cut; declare it with search=False")
+  if any(id(w) not in paths for _, widths, _ in records for w in widths if isinstance(w, Width)):
+    raise ValueError("a layer ran on a copy of the network (an NNX transform such as nnx.jit, nnx.remat or "
+                     "nnx.scan inside the forward): trace needs the forward to call its searchable layers directly")
   terms = []
   for unit, widths, blocks in records:
     powers: dict = {}

@@ -22,6 +22,14 @@ A network is made searchable by building it from four declarations:
 * :func:`record` -- the cost of an op that multiplies but is not a searchable
   layer (attention's token-by-token products).
 
+Between searchable layers a searched width may pass only through ops that
+keep zero channels zero and act per channel (activations, pooling, adds of
+the same group, attention on a fixed width): a plain ``nnx.LayerNorm`` or
+``nnx.Linear`` on a searched width would mix the padding in. Records of a
+searched network name every group and stack by the first path NNX reaches it
+by (attributes in alphabetical order, e.g. ``down/cin`` for a group a
+``down`` layer reads), so renaming an attribute renames its record entries.
+
 Width and depth logits are :class:`ArchParam` variables, apart from the
 weights (``nnx.Param``) and statistics (``nnx.BatchStat``). Before a forward,
 :func:`sample` draws every group (search) or :func:`use_argmax` picks the most
@@ -150,6 +158,9 @@ class Stack(nnx.Module):
         ends.append(x)
     if len(ends) == 1:
       return ends[0]
+    if len({e.shape for e in ends}) > 1:
+      raise ValueError(f"the outputs after the candidate depths {list(self.choices)} of a Stack differ in shape "
+                       f"({sorted({e.shape for e in ends})}): its blocks must keep their input's shape")
     q = self.q[...]
     if self.hard:
       k = jnp.argmax(q)
@@ -238,7 +249,8 @@ class Conv(Layer):
                rngs: nnx.Rngs):
     self.out = _group(cout, rngs)
     self.cin = self.out if depthwise else _group(cin, rngs)
-    if depthwise and cin is not cout:
+    if depthwise and not (cin is cout or not isinstance(cin, Width) and not isinstance(cout, Width)
+                          and int(cin) == int(cout)):
       raise ValueError("a depthwise conv reads and writes one width group: pass the same Width as cin and cout")
     self.kernel_size, self.stride, self.depthwise = kernel, stride, depthwise
     self.pad = kernel // 2 if pad is None else int(pad)
@@ -249,10 +261,11 @@ class Conv(Layer):
   def __call__(self, x):
     self._check_input(x)
     kernel = self.kernel[...].astype(x.dtype)
-    if self.depthwise or self.pad != self.kernel_size // 2:
+    if self.depthwise:
+      y = conv_lib.depthwise(x, kernel, self.stride, self.pad)
+    elif self.pad != self.kernel_size // 2:
       y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, ((self.pad,) * 2,) * 2,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       feature_group_count=x.shape[-1] if self.depthwise else 1)
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
       y = conv_lib.conv(x, kernel, self.stride)
     spatial = self.kernel_size ** 2 * y.shape[1] * y.shape[2]
@@ -395,14 +408,18 @@ def choice_of(model: nnx.Module, description: dict) -> dict:
   Raises ValueError naming the first group the record misses, or a width or depth that is not a candidate.
   """
   choice = {}
+  names = {"/".join(map(str, p)) for p, _ in searched(model)}
+  foreign = sorted(set(description) - names)
+  if foreign:
+    raise ValueError(f"the record names {foreign[0]}, which this network does not search: it describes another network")
   for p, n in searched(model):
     name = "/".join(map(str, p))
     if name not in description:
       raise ValueError(f"the record names no width or depth for {name}: it describes another network")
-    value = int(description[name])
-    if value not in _options(n):
+    value = description[name]
+    if value not in _options(n) or int(value) != value:
       raise ValueError(f"{name} = {value} is not one of its candidates {list(_options(n))}")
-    choice[p] = _options(n).index(value)
+    choice[p] = _options(n).index(int(value))
   return choice
 
 
