@@ -30,13 +30,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-def prototype_search(search, model, size: int, classes: int, steps: int = 40, noise: float = 0.5, seed: int = 0):
+def prototype_search(search, model, size: int, classes: int, steps: int = 40, noise: float = 0.5, seed: int = 0,
+                     step=None):
   """``steps`` search iterations of ``search`` (a ``tas_jax.steps.searchable.Search``) on a learnable toy task:
-  noisy copies of one random image per class, tau falling from 5 to 1. Returns (state, first metrics, last)."""
+  noisy copies of one random image per class, tau falling from 5 to 1. ``step``: ``jax.jit(search.step)``
+  already compiled elsewhere. Returns (state, first metrics, last)."""
   import jax
   import numpy as np
   state = search.init(model)
-  step = jax.jit(search.step)
+  step = step or jax.jit(search.step)
   rng = np.random.default_rng(seed)
   protos = rng.normal(size=(classes, size, size, 3)).astype(np.float32)
 

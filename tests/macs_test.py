@@ -55,7 +55,7 @@ def test_while_loop_is_refused():
     macs.count(lambda x: jax.lax.while_loop(lambda c: c.sum() < 10, lambda c: c @ c, x), f32(2, 2))
 
 
-@pytest.mark.parametrize("stride, size", [(1, 7), (2, 8), (2, 7)])
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 7)])
 def test_depthwise_conv_equals_the_convolution_and_counts_as_one(stride, size):
   """Catches the CPU's shifted-product depthwise conv computing something else than the grouped convolution
   (a tap misaligned, a stride or odd size cropped wrongly, a wrong gradient), or being counted as free."""

@@ -104,7 +104,8 @@ def test_argmax_supernet_equals_exported_network(tiny):
   S.use_argmax(net)
   net.eval()
   exported.eval()
-  np.testing.assert_allclose(net(x), exported(x), rtol=1e-5, atol=1e-5)
+  run = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(run(net, x), run(exported, x), rtol=1e-5, atol=1e-5)
 
 
 def _segment_average(z, c_in, c_out, channels):
@@ -132,7 +133,7 @@ def test_search_forward_of_a_conv_matches_the_formula():
   S.sample(conv, key, tau)
   idx, weight = sampling.sample_widths(jax.random.fold_in(jax.random.split(key)[0], 0), w.logits[...], tau, 2)
   np.testing.assert_array_equal(w.idx[...], idx)
-  got = conv(jnp.asarray(x, jnp.float32))
+  got = nnx.jit(lambda m, x: m(x))(conv, jnp.asarray(x, jnp.float32))  # one compile, not one per op
 
   y = np.asarray(jax.lax.conv_general_dilated(x, np.asarray(conv.kernel[...], np.float64), (1, 1),
                                               ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
@@ -168,19 +169,28 @@ def test_stack_mixes_candidate_depths_with_soft_weights():
   np.testing.assert_allclose(stack(x), q[0] * y1 + q[1] * y3, rtol=1e-5, atol=1e-6)
 
 
-def test_search_moves_the_cost_into_its_band_and_learns():
-  """Catches a weight step that does not learn through the search forward (the loss stays at chance) and an
-  export outside the band after fitting; the direction of the cost loss is the next test's."""
+@pytest.fixture(scope="module")
+def search_of_tiny():
+  """One search problem (and one compiled step) for the tests that need a step but no particular target."""
   net = Tiny(nnx.Rngs(1), ratios=S.WIDTH_RATIOS)
   search = Search.create(net, IMAGE, target_ratio=0.5, cost_weight=4.0, arch_tx=optax.adam(0.05))
-  state, first, m = prototype_search(search, net, 8, 5, noise=0.3)
+  return net, search, jax.jit(search.step)
+
+
+def test_search_moves_the_cost_into_its_band_and_learns(search_of_tiny):
+  """Catches a weight step that does not learn through the search forward (the loss stays at chance) and an
+  export outside the band after fitting; the direction of the cost loss is the next test's."""
+  net, search, step = search_of_tiny
+  state, first, m = prototype_search(search, net, 8, 5, noise=0.3, step=step)
   low, high = search.band_limits()
   assert float(m["weight_loss"]) < min(float(first["weight_loss"]), np.log(5)) - 0.2
   exported = search.export(state)
   assert low <= macs.count(exported, IMAGE) <= high
 
 
-@pytest.mark.parametrize("start, scale, target", [(-1, 1.0, 0.4), (0, 1.0, 0.8), (-1, 0.02, 0.6)])
+@pytest.mark.parametrize("start, scale, target", [pytest.param(-1, 1.0, 0.4, marks=pytest.mark.slow),
+                                                  pytest.param(0, 1.0, 0.8, marks=pytest.mark.slow),
+                                                  (-1, 0.02, 0.6)])
 def test_architecture_step_moves_the_expected_cost_towards_the_target(start, scale, target):
   """Catches a cost loss with its sign reversed or decided by the expected instead of the discrete cost, or
   an architecture step that ignores the cost: from the widest (narrowest) argmax the expected cost must fall
@@ -235,6 +245,7 @@ def test_custom_model_example_runs_in_three_minutes():
   assert acc > 0.1
 
 
+@pytest.mark.slow
 def test_step_sharded_over_eight_devices_equals_one_device():
   """Catches a step whose statistics or gradients depend on how the batch is split over devices (per-shard batch
   norm, a missing all-reduce): with the batch sharded over 8 devices and everything else replicated, two
@@ -294,17 +305,16 @@ def test_an_export_outside_an_unreachable_band_is_reported(tiny, caplog):
   assert "no network the fitting reaches lies in the cost band" in caplog.text
 
 
-def test_weight_step_leaves_the_norms_of_undrawn_candidates_untouched():
+def test_weight_step_leaves_the_norms_of_undrawn_candidates_untouched(search_of_tiny):
   """Catches weight decay or momentum moving the norm of a candidate the forward did not draw (the official
   code's per-candidate norms get no gradient then, and PyTorch skips them), and a mask that also freezes
   the drawn ones."""
-  net = Tiny(nnx.Rngs(5), ratios=S.WIDTH_RATIOS)
-  search = Search.create(net, IMAGE, target_ratio=0.6)
+  net, search, step = search_of_tiny
   state = search.init(net)
-  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-  batch = (x, jnp.arange(8) % 5)
+  x = jax.random.normal(jax.random.key(0), (32, 8, 8, 3))
+  batch = (x, jnp.arange(32) % 5)
   key = jax.random.key(3)
-  new, _ = jax.jit(search.step)(state, batch, batch, key, 2.0)
+  new, _ = step(state, batch, batch, key, 2.0)
   model = search.model(state)
   model.train()
   S.sample(model, jax.random.split(key)[0], 2.0, search.num_sampled)  # the weight step's draw
