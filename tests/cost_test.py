@@ -1,13 +1,16 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import nnx
 
 from tas_jax.core import cost
-from tas_jax.core import space as space_lib
 from tas_jax.core import shape_files
+from tas_jax.nets import supernet
 
 
 def _random_indices(space, rng):
@@ -54,8 +57,11 @@ def numpy_expected_cost(space, wp, dp, exact):
   return total + in_e * base.num_classes + (base.num_classes if exact else 0)
 
 
-SPACES = {name: space_lib.search_space(shape_files.preset(name)) for name in ("resnet20", "resnet56", "resnet164")}
-SPACES["imagenet-resnet50"] = space_lib.search_space(shape_files.preset("imagenet-resnet50"))
+@functools.lru_cache(maxsize=None)
+def _model(name, exact=True):
+  """A supernet of the preset's space, built abstractly: its costs read no variable."""
+  config = supernet.SupernetConfig(exact_cost=exact)
+  return nnx.eval_shape(lambda: supernet.Supernet(shape_files.preset(name), config, rngs=nnx.Rngs(0)))
 
 
 class CostTest(chex.TestCase, parameterized.TestCase):
@@ -63,10 +69,11 @@ class CostTest(chex.TestCase, parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters("resnet20", "resnet56", "resnet164", "imagenet-resnet50")
   def test_one_hot_costs_equal_the_counter(self, name):
-    space = SPACES[name]
+    model = _model(name)
+    space = model.space
     rng = np.random.default_rng(0)
-    disc = self.variant(lambda w, d: cost.discrete_cost(space, w, d))
-    expc = self.variant(lambda w, d: cost.expected_cost(space, w, d))
+    disc = self.variant(model.discrete_cost)
+    expc = self.variant(model.expected_cost)
     for _ in range(4):
       wi, di = _random_indices(space, rng)
       macs = cost.count(space.shape_from_indices(wi, di)).macs
@@ -79,18 +86,20 @@ class CostTest(chex.TestCase, parameterized.TestCase):
   def test_expected_cost_against_numpy(self, exact):
     rng = np.random.default_rng(1)
     for name in ("resnet20", "resnet56"):
-      space = SPACES[name]
+      model = _model(name, exact)
+      space = model.space
       wp, dp = _random_probs(space, rng)
-      got = float(jax.jit(lambda w, d: cost.expected_cost(space, w, d, exact))(wp, dp))
+      got = float(jax.jit(model.expected_cost)(wp, dp))
       np.testing.assert_allclose(got, numpy_expected_cost(space, wp.astype(np.float64), dp.astype(np.float64), exact),
                                  rtol=1e-5)
 
   def test_expected_cost_gradient(self):
-    space = SPACES["resnet20"]
+    model = _model("resnet20")
+    space = model.space
     rng = np.random.default_rng(2)
     a = rng.normal(size=space.width_table.shape).astype(np.float32)
     b = rng.normal(size=space.depth_table.shape).astype(np.float32)
-    f = lambda a, b: cost.expected_cost(space, jax.nn.softmax(a), jax.nn.softmax(b)) / 1e6
+    f = lambda a, b: model.expected_cost(jax.nn.softmax(a), jax.nn.softmax(b)) / 1e6
     ga, gb = jax.grad(f, argnums=(0, 1))(a, b)
     ref = lambda a, b: numpy_expected_cost(space, _softmax(a), _softmax(b), True) / 1e6
     h = 1e-3
@@ -104,15 +113,15 @@ class CostTest(chex.TestCase, parameterized.TestCase):
       np.testing.assert_allclose(gb[i, j], fd, rtol=2e-2, atol=1e-4)
 
   def test_official_formula_misses_truncation_and_projection(self):
-    space = SPACES["resnet20"]
+    space = _model("resnet20").space
     base = space.base
     # Stage 0 keeps one block whose output width differs from the dropped last block's.
     widths = list(base.widths)
     widths[2], widths[6] = 8, 16
     shape = base.replace(widths=tuple(widths), blocks=(1, 3, 3))
     wi, di = space.indices_of(shape)
-    exact = cost.as_int(cost.discrete_cost(space, wi, di, exact=True))
-    official = cost.as_int(cost.discrete_cost(space, wi, di, exact=False))
+    exact = cost.as_int(_model("resnet20", True).discrete_cost(wi, di))
+    official = cost.as_int(_model("resnet20", False).discrete_cost(wi, di))
     assert exact == cost.count(shape).macs
     # Official F feeds stage 1 the dropped block's 16 channels instead of 8, and leaves out the bias.
     stage1 = base.layout.stage_blocks(1)[0]

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from tas_jax.core import cost
-from tas_jax.core import space as space_lib
 from tas_jax.core import shape_files
 from tas_jax.latency import table as latency_table
+from tas_jax.nets import supernet
 from tas_jax.runtime import parallel
 from tas_jax.steps import search as search_lib
 from search_test import tiny_config
@@ -25,8 +25,8 @@ def fake_unit(kernel, stride, in_hw, cin, cout, batch_size, *, pool=False, relu=
 @pytest.fixture
 def tables(monkeypatch, tmp_path):
   monkeypatch.setattr(latency_table, "measure_unit", fake_unit)
-  space = space_lib.search_space(shape_files.preset("resnet14"))
-  return space, latency_table.build_tables(space, batch_size=1, cache_dir=str(tmp_path), calibrate=False)
+  model = nnx.eval_shape(lambda: supernet.Supernet(shape_files.preset("resnet14"), rngs=nnx.Rngs(0)))
+  return model, latency_table.build_tables(model, batch_size=1, cache_dir=str(tmp_path), calibrate=False)
 
 
 def numpy_latency(space, tables, shape):
@@ -50,37 +50,39 @@ def numpy_latency(space, tables, shape):
 
 
 def test_one_hot_latency_equals_the_units_of_the_pruned_net(tables):
-  space, t = tables
+  model, t = tables
+  space = model.space
   rng = np.random.default_rng(0)
   for _ in range(5):
     wi = np.array([rng.choice(np.flatnonzero(m)) for m in space.width_mask])
     di = np.array([rng.choice(np.flatnonzero(m)) for m in space.depth_mask])
     shape = space.shape_from_indices(wi, di)
-    np.testing.assert_allclose(latency_table.predict(space, t, shape), numpy_latency(space, t, shape), rtol=1e-5)
+    np.testing.assert_allclose(latency_table.predict(model, t, shape), numpy_latency(space, t, shape), rtol=1e-5)
 
 
 def test_expected_latency_is_the_expectation_over_independent_widths(tables):
-  space, t = tables
+  model, t = tables
+  space = model.space
   rng = np.random.default_rng(1)
   wp = rng.dirichlet(np.ones(8), size=space.width_table.shape[0]).astype(np.float32)
   dp = np.ones(space.depth_table.shape, np.float32) * space.depth_mask
   dp[:, -1] = 1.0
   dp[:, :-1] = 0.0  # all blocks kept: the expectation is then a plain Monte-Carlo mean over widths
-  exp = float(jax.jit(lambda w, d: cost.table_cost(space, t, w, d))(wp, dp))
+  exp = float(jax.jit(lambda w, d: latency_table.predicted(model, t, w, d))(wp, dp))
   samples = []
   for _ in range(400):
     wi = np.array([rng.choice(8, p=p / p.sum()) for p in wp])
-    samples.append(latency_table.predict(space, t, space.shape_from_indices(wi, np.full(3, dp.shape[1] - 1))))
+    samples.append(latency_table.predict(model, t, space.shape_from_indices(wi, np.full(3, dp.shape[1] - 1))))
   assert abs(exp - np.mean(samples)) < 4 * np.std(samples) / np.sqrt(len(samples))
-  g = jax.grad(lambda w: cost.table_cost(space, t, jax.nn.softmax(w), jnp.asarray(dp)))(jnp.zeros_like(wp))
+  g = jax.grad(lambda w: latency_table.predicted(model, t, jax.nn.softmax(w), jnp.asarray(dp)))(jnp.zeros_like(wp))
   assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
 
 
 def test_tables_are_cached_per_device(tables, tmp_path, monkeypatch):
-  space, t = tables
+  model, t = tables
   calls = []
   monkeypatch.setattr(latency_table, "measure_unit", lambda *a, **k: calls.append(a) or 1.0)
-  again = latency_table.build_tables(space, batch_size=1, cache_dir=str(tmp_path), calibrate=False)
+  again = latency_table.build_tables(model, batch_size=1, cache_dir=str(tmp_path), calibrate=False)
   assert not calls  # every unit came from the cache
   np.testing.assert_array_equal(again.stem, t.stem)
 
@@ -118,9 +120,9 @@ def test_vectorised_targets_equal_single_searches():
 
 
 def test_tables_round_trip_through_json(tables, tmp_path):
-  space, t = tables
+  model, t = tables
   path = str(tmp_path / "t.json")
   latency_table.save_tables(path, t)
   back = latency_table.load_tables(path)
   shape = shape_files.preset("resnet14")
-  assert latency_table.predict(space, back, shape) == latency_table.predict(space, t, shape)
+  assert latency_table.predict(model, back, shape) == latency_table.predict(model, t, shape)

@@ -34,7 +34,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "parity"
 OFFICIAL = supernet.SupernetConfig(exact_cost=False, shortcut_bn=True, block_relu=True, bn_groups=0)
 MFLOPS = 1e6  # the official cost unit, in MACs
 TORCH_CONVS = {"basic": ("conv_a", "conv_b"), "bottleneck": ("conv_1x1", "conv_3x3", "conv_1x4")}
-BN_FIELDS = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
+BN_FIELDS = (("weight", "scale"), ("bias", "offset"), ("running_mean", "mean"), ("running_var", "var"))
 DEPTHS = [20, pytest.param(56, marks=pytest.mark.slow)]  # ResNet-56 compiles for minutes on 2 cores
 GRAD_RTOL = {20: 1e-3, 56: 2e-3}
 
@@ -85,8 +85,8 @@ def load_official(fx, depth: int) -> supernet.Supernet:
         v = get(f"param/{prefix}.BNs.{j}.{torch_name}")
         table[j, : v.size] = v
       getattr(conv, name)[...] = jnp.asarray(table)
-  model.head_kernel[...] = jnp.asarray(get("param/classifier.weight").T)
-  model.head_bias[...] = jnp.asarray(get("param/classifier.bias"))
+  model.head.kernel[...] = jnp.asarray(get("param/classifier.weight").T)
+  model.head.bias[...] = jnp.asarray(get("param/classifier.bias"))
   model.width_logits[...] = jnp.asarray(get("arch/width_attentions"))
   model.depth_logits[...] = jnp.asarray(get("arch/depth_attentions"))
   unused = {k for k in fx if k.startswith(("param/", "arch/"))} - used
@@ -227,16 +227,17 @@ def test_costs_and_genotypes(depth):
   projection the pruned net adds, the recorded width after a truncated stage, the classifier term) and a
   genotype read from the logits differently (xchannels with the input channels first, xblocks as counts)."""
   fx = _fixture("costs.npz")
-  space = supernet.make_space(shape_files.preset(f"resnet{depth}"), OFFICIAL)
+  model = nnx.eval_shape(lambda: supernet.Supernet(shape_files.preset(f"resnet{depth}"), OFFICIAL, rngs=nnx.Rngs(0)))
+  space = model.space
   assert space.width_mask.all() and space.depth_mask.all()
   p = f"resnet{depth}/"
   for wl, dl, e, f, xchannels, xblocks in zip(*(fx[p + k] for k in ("width_logits", "depth_logits", "expected",
                                                                       "discrete", "xchannels", "xblocks"))):
     wl, dl = jnp.asarray(wl), jnp.asarray(dl)
-    expected = cost.expected_cost(space, jax.nn.softmax(wl, -1), jax.nn.softmax(dl, -1), exact=False)
+    expected = model.expected_cost(jax.nn.softmax(wl, -1), jax.nn.softmax(dl, -1))
     np.testing.assert_allclose(float(expected) / MFLOPS, e, rtol=1e-6)
-    wi, di = cost.argmax_indices(space, wl, dl)
-    discrete = cost.as_int(cost.discrete_cost(space, wi, di, exact=False))
+    wi, di = jnp.argmax(wl, -1), jnp.argmax(dl, -1)
+    discrete = cost.as_int(model.discrete_cost(wi, di))
     np.testing.assert_allclose(discrete / MFLOPS, f, rtol=1e-6)
     shape = space.shape_from_indices(wi, di)
     assert [shape.in_channels, *shape.widths] == xchannels.tolist()

@@ -85,10 +85,10 @@ def _bn_rows(problem, state, idx):
   model = nnx.merge(problem.graphdef, state["weights"], state["arch"], state["stats"], copy=True)
   drawn, undrawn = [], []
   for conv, row in supernet.candidate_rows(model):
-    if not conv.has_bn:
+    if not conv.norm:
       continue
     chosen = set(np.asarray(idx)[row].tolist())
-    for name in ("scale", "bias"):
+    for name in ("scale", "offset"):
       values = np.asarray(getattr(conv, name)[...])
       for j in range(values.shape[0]):
         (drawn if j in chosen else undrawn).append(values[j])
@@ -145,17 +145,17 @@ def test_cost_loss_sign_comes_from_the_discrete_cost(weight):
   arch_step = jitted(problem, "arch_step")
   for column, sign in ((-1, 1.0), (0, -1.0)):
     st, model = _set_arch(problem, state, column)
-    f = cost.as_int(cost.discrete_cost(problem.space, *model.argmax(), False))
+    f = cost.as_int(model.discrete_cost(*model.argmax()))
     assert (f > high) if sign > 0 else (f < low)
-    e = float(cost.expected_cost(problem.space, model.width_probs(), model.depth_probs(), False))
+    e = float(model.expected_cost(model.width_probs(), model.depth_probs()))
     new, m = arch_step(st, batch(1), a_keys, 2.0, problem.target_cost)
     np.testing.assert_allclose(float(m["cost_loss"]), sign * weight * math.log(e), rtol=1e-5)
     new_model = nnx.merge(problem.graphdef, new["weights"], new["arch"], new["stats"], copy=True)
-    e_new = float(cost.expected_cost(problem.space, new_model.width_probs(), new_model.depth_probs(), False))
+    e_new = float(new_model.expected_cost(new_model.width_probs(), new_model.depth_probs()))
     assert (e_new < e) if sign > 0 else (e_new > e)
   # In the band: no cost loss. A target just above the widest-argmax cost puts F inside [R - 0.05 MAX, R].
   st, model = _set_arch(problem, state, -1)
-  f = cost.as_int(cost.discrete_cost(problem.space, *model.argmax(), False))
+  f = cost.as_int(model.discrete_cost(*model.argmax()))
   _, m = arch_step(st, batch(1), a_keys, 2.0, jnp.float32(f + 0.01 * full))
   assert float(m["cost_loss"]) == 0.0
 

@@ -132,7 +132,7 @@ def test_search_forward_of_a_conv_matches_the_formula():
   key, tau = jax.random.key(7), 2.0
   S.sample(conv, key, tau)
   idx, weight = sampling.sample_widths(jax.random.fold_in(jax.random.split(key)[0], 0), w.logits[...], tau, 2)
-  np.testing.assert_array_equal(w.idx[...], idx)
+  np.testing.assert_array_equal(w.idx, idx)
   got = nnx.jit(lambda m, x: m(x))(conv, jnp.asarray(x, jnp.float32))  # one compile, not one per op
 
   y = np.asarray(jax.lax.conv_general_dilated(x, np.asarray(conv.kernel[...], np.float64), (1, 1),
@@ -319,7 +319,7 @@ def test_weight_step_leaves_the_norms_of_undrawn_candidates_untouched(search_of_
   model.train()
   S.sample(model, jax.random.split(key)[0], 2.0, search.num_sampled)  # the weight step's draw
   drawn = np.zeros(len(model.stem.out.candidates), bool)
-  drawn[np.asarray(model.stem.out.idx[...])] = True
+  drawn[np.asarray(model.stem.out.idx)] = True
   before = np.asarray(state["weights"]["stem"]["scale"][...])
   after = np.asarray(new["weights"]["stem"]["scale"][...])
   np.testing.assert_array_equal(after[~drawn], before[~drawn])
@@ -352,3 +352,85 @@ def test_declarations_the_trace_cannot_use_are_refused():
   shrink = S.Stack([S.Conv(3, 3, 3, stride=2, rngs=rngs), S.Conv(3, 3, 3, stride=2, rngs=rngs)], rngs=rngs)
   with pytest.raises(ValueError, match="differ in shape"):
     shrink(jnp.zeros((1, 8, 8, 3)))
+
+
+class Widening(nnx.Module):
+  """A block writing a group of its own: a conv, then the left-aligned add of its input (TAS's ResNet block)."""
+
+  def __init__(self, cin, out, rngs):
+    self.cin, self.out = cin, out
+    self.conv = S.Conv(cin, out, 3, rngs=rngs)
+
+  def __call__(self, xw):
+    x, w = xw
+    y = self.conv(x)
+    S.record(x.shape[1] * x.shape[2], self.cin, self.out, kind="projection")
+    return y + x, jnp.maximum(w, self.out.drawn_widths().max())
+
+
+class Chain(nnx.Module):
+  """A stem and a stack of two blocks that write different groups, read after the stack by a head."""
+
+  def __init__(self, rngs):
+    g = [S.Width(4, ratios=(0.5, 1.0), rngs=rngs) for _ in range(3)]
+    self.stem = S.Conv(3, g[0], 3, rngs=rngs)
+    self.stack = S.Stack([Widening(g[0], g[1], rngs), Widening(g[1], g[2], rngs)], rngs=rngs)
+    self.head = S.Dense(S.StackOutput(self.stack, [g[1], g[2]]), 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stem(x)
+    x, _ = self.stack((x, self.stem.out.drawn_widths().max()))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_stack_of_different_groups_costs_its_depth_mixed_output_and_projections(official):
+  """Catches the layer after a stack reading the last block's width where the chosen depth ends earlier (or
+  reading it in official mode, where it should), a projection counted where the added widths match (or left
+  out where they differ), and projections kept in the official E."""
+  net = Chain(nnx.Rngs(0))
+  _randomise(net, 3)
+  graph = cost_graph.trace(net, IMAGE, official=official)
+  groups = [net.stem.out] + [b.out for b in net.stack.blocks]
+  p = [np.asarray(jax.nn.softmax(g.logits[...]), np.float64) for g in groups]
+  q = np.asarray(jax.nn.softmax(net.stack.logits[...]), np.float64)
+  hw, total = 8 * 8, 0.0
+  for i0, i1, i2, d in itertools.product(range(2), range(2), range(2), range(2)):
+    c0, c1, c2 = groups[0].candidates[i0], groups[1].candidates[i1], groups[2].candidates[i2]
+    cost = 9 * hw * 3 * c0 + 9 * hw * c0 * c1 + (0 if official else hw * c0 * c1 * (c0 != c1))
+    if d == 1:
+      cost += 9 * hw * c1 * c2 + (0 if official else hw * c1 * c2 * (c1 != c2))
+    cost += 5 * (c2 if official or d == 1 else c1)
+    total += p[0][i0] * p[1][i1] * p[2][i2] * q[d] * cost
+  np.testing.assert_allclose(float(graph.expected(net)), total, rtol=1e-5)
+
+
+def test_stack_of_different_groups_mixes_its_ends_interpolated_to_the_widest():
+  """Catches the ends of different widths summed without channel-wise interpolation, or mixed by the wrong
+  weights."""
+  net = Chain(nnx.Rngs(1))
+  _randomise(net, 4)
+  net.eval()
+  for g, i in zip([net.stem.out] + [b.out for b in net.stack.blocks], (0, 0, 1)):  # ends 2 and 4 wide
+    g.idx, g.weight, g.hard = jnp.array([i]), jnp.ones((1,)), False
+  net.stack.q, net.stack.hard = jnp.array([0.3, 0.7]), False
+  x = jax.random.normal(jax.random.key(6), (2, 8, 8, 3))
+  got, width = net.stack((net.stem(x), net.stem.out.drawn_widths().max()))
+  h = net.stem(x)
+  ends = []
+  w = int(net.stem.out.drawn_widths().max())
+  for block in net.stack.blocks:
+    h, w = block((h, w))
+    ends.append((np.asarray(h), int(w)))
+  widest = max(e[1] for e in ends)
+  assert [e[1] for e in ends] == [2, 4]
+  q = np.asarray(net.stack.q)
+  want = np.zeros_like(ends[0][0])
+  for (e, c), weight in zip(ends, q):
+    for o in range(widest):  # segment averages over the first c channels
+      lo, hi = (o * c) // widest, -(-((o + 1) * c) // widest)
+      want[..., o] += weight * e[..., lo:hi].mean(-1)
+  assert int(width) == widest
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="projection"):
+    surgery.export_searchable(net)

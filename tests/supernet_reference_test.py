@@ -94,7 +94,7 @@ class Reference:
 
   def bn(self, conv, j, y):
     c = y.shape[-1]
-    scale, bias = conv.scale[...][j, :c], conv.bias[...][j, :c]
+    scale, bias = conv.scale[...][j, :c], conv.offset[...][j, :c]
     if not self.train:
       mean, var = conv.mean[...][j, :c], conv.var[...][j, :c]
       return (y - mean) / jnp.sqrt(var + EPS) * scale + bias
@@ -122,7 +122,7 @@ class Reference:
     out = 0.0
     for n, (j, c) in enumerate(zip(cands, widths)):
       part = y[..., :c]
-      if conv.has_bn:
+      if conv.norm:
         part = self.bn(conv, j, part)
       out = out + weights[row, n] * segment_cwi(part, widest)
     return jax.nn.relu(out) if relu else out
@@ -158,7 +158,7 @@ class Reference:
         x = sum(depth[s, k] * segment_cwi(e, widest) for k, e in enumerate(ends))
     feats = x.mean(axis=(1, 2))
     c = feats.shape[-1]
-    return jnp.dot(feats, model.head_kernel[...][:c], precision=HI) + model.head_bias[...]
+    return jnp.dot(feats, model.head.kernel[...][:c], precision=HI) + model.head.bias[...]
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -178,9 +178,9 @@ def randomized(base, config, seed):
     shape = leaf.shape
     if name in ("scale", "var"):
       value = rng.uniform(0.5, 2.0, size=shape)
-    elif name in ("bias", "mean", "head_bias"):
+    elif name in ("bias", "offset", "mean"):
       value = 0.1 * rng.normal(size=shape)
-    elif name in ("kernel", "head_kernel"):
+    elif name == "kernel":
       fan_in = int(np.prod(shape[:-1]))
       value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
     else:  # width and depth logits
@@ -206,7 +206,7 @@ def forced_draw(space, k, seed):
 def stat_leaves(model):
   """{(id(conv), name): array} of every per-candidate running statistic."""
   convs = [model.stem] + [c for b in model.blocks for c in list(b.convs) + ([b.shortcut] if b.shortcut else [])]
-  return {(id(c), n): np.asarray(getattr(c, n)[...]) for c in convs if c.has_bn for n in ("mean", "var")}, convs
+  return {(id(c), n): np.asarray(getattr(c, n)[...]) for c in convs if c.norm for n in ("mean", "var")}, convs
 
 
 def compare(base, config, *, k, train, seed=0, batch=4, image=16, tau=1.7):
@@ -262,7 +262,7 @@ def compare(base, config, *, k, train, seed=0, batch=4, image=16, tau=1.7):
       row_of[id(b.shortcut)] = spec.convs[-1]
   checked = 0
   for conv in convs:
-    if not conv.has_bn:
+    if not conv.norm:
       continue
     row = row_of[id(conv)]
     for n_i, name in enumerate(("mean", "var")):

@@ -11,7 +11,7 @@ family, or raises :class:`PruneError` saying which ratios are reachable.
 * :func:`random_shape`: shapes drawn uniformly from the TAS search space
   (:func:`tas_jax.core.space.search_space`), rejected until inside the band. Draws
   are counted in large batches with the on-device counter
-  (:func:`tas_jax.core.cost.discrete_cost`). The space's MAC ratios concentrate
+  (:meth:`tas_jax.nets.supernet.Supernet.discrete_cost`). The space's MAC ratios concentrate
   around a quarter of the unpruned network, so a band far above that is
   practically never hit; ``sampler="walk"`` then climbs into the band and runs
   a random walk that stays in it (Metropolis with a uniform target over the

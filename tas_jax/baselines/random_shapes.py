@@ -17,15 +17,16 @@ from tas_jax.core import cost as cost_lib
 from tas_jax.core import shapes
 from tas_jax.core import space as space_lib
 from tas_jax.core.shapes import Shape
+from tas_jax.nets import supernet
 from tas_jax.baselines.targets import DEFAULT_TOLERANCE, PruneError, SAMPLERS, check_target, in_band, macs_ratio
 
 
 
 @functools.lru_cache(maxsize=8)
 def _batch_counter(base: Shape, search_depth: bool):
-  space = space_lib.search_space(base, search_depth=search_depth)
-  fn = jax.jit(jax.vmap(lambda w, d: cost_lib.discrete_cost(space, w, d)))
-  return space, fn
+  model = supernet.build(base, supernet.SupernetConfig(mode="shape" if search_depth else "width"))
+  fn = jax.jit(jax.vmap(model.discrete_cost))
+  return model.space, fn
 
 
 def _draw(rng: np.random.Generator, counts: np.ndarray, n: int) -> np.ndarray:

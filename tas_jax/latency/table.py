@@ -4,12 +4,12 @@ Every searchable conv of a search space, with its batch norm (as an eval-mode
 affine) and ReLU, is timed on the current device for every pair of an input
 candidate width and an output candidate width, as is every shortcut conv.
 Expected latency is then the bilinear form p_in^T T p_out summed over layers
-(:func:`tas_jax.core.cost.table_cost`), differentiable like the expected MACs.
+(:func:`predicted`, through the supernet's cost graph), differentiable like the expected MACs.
 Timings are cached per device kind and batch size, so a table is measured
 once per machine type. The parts do not add up exactly to the whole (pooling,
 the classifier, per-op overhead, fusion), so an affine map ``scale * sum +
 offset`` is fitted to the measured latencies of the unpruned network and of
-the smallest network of the space; :func:`cost.table_cost` applies it.
+the smallest network of the space; :func:`predicted` applies it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import numpy as np
 from tas_jax.latency import measure as latency_lib
 from tas_jax.nets import conv as conv_lib
 from tas_jax.nets import resnet as resnet_lib
-from tas_jax.core import cost as cost_lib
 from tas_jax.core import shapes as shapes_lib
-from tas_jax.core import space as space_lib
 
 log = logging.getLogger("tas_jax")
 
@@ -48,6 +46,14 @@ class LatencyTables:
   device: str
   batch_size: int
   scale: float = 1.0
+
+  def named(self) -> dict:
+    """The tables by the names the supernet's cost records carry, one axis per recorded width."""
+    d = {"stem": np.asarray(self.stem)[None, :], "head": np.asarray(self.head)[:, None]}
+    d.update({f"conv{ci}": v for ci, v in self.convs.items()})
+    d.update({f"shortcut{s},{b}": v for (s, b), v in self.shortcut.items()})
+    d.update({f"projection{s},{b}": v for (s, b), v in self.projection.items()})
+    return d
 
 
 def _cache_file(cache_dir: str | None, device: str, batch_size: int) -> str:
@@ -134,9 +140,9 @@ def _values(space, row):
   return [int(v) for v in space.width_table[row]]
 
 
-def build_tables(space: space_lib.SearchSpace, batch_size: int = 1, cache_dir: str | None = None,
-                 calibrate: bool = True) -> LatencyTables:
-  """Measure (or read from the cache) every unit latency of ``space`` at ``batch_size``."""
+def build_tables(model, batch_size: int = 1, cache_dir: str | None = None, calibrate: bool = True) -> LatencyTables:
+  """Measure (or read from the cache) every unit latency of a supernet's space at ``batch_size``."""
+  space = model.space
   lay, base = space.layout, space.base
   timer = _Timer(batch_size, cache_dir)
   t0 = time.perf_counter()
@@ -171,27 +177,39 @@ def build_tables(space: space_lib.SearchSpace, batch_size: int = 1, cache_dir: s
   if timer.new:
     log.info("measured %d conv latencies in %.0f s (cached in %s)", timer.new, time.perf_counter() - t0, timer.path)
   if calibrate:
-    tables = calibrate_tables(space, tables)
+    tables = calibrate_tables(model, tables)
   return tables
 
 
-def predict(space: space_lib.SearchSpace, tables: LatencyTables, shape: shapes_lib.Shape) -> float:
-  """Predicted latency (seconds) of a shape of the space."""
+def predicted(model, tables: LatencyTables, width_dist, depth_dist):
+  """Latency (seconds) predicted for a supernet's width [L, K] and depth [S, Kd] distributions, differentiable.
+
+  With softmax probabilities it is the expected latency (exact for independent widths); with one-hot
+  distributions the predicted latency of that shape. Counts what the pruned net runs: projection shortcuts
+  and the depth-weighted widths after truncated stages.
+  """
+  return tables.scale * model.table_cost(tables.named(), width_dist, depth_dist) + tables.offset
+
+
+def predict(model, tables: LatencyTables, shape: shapes_lib.Shape) -> float:
+  """Predicted latency (seconds) of a shape of a supernet's space."""
+  space = model.space
   wi, di = space.indices_of(shape)
   wd = jax.nn.one_hot(wi, space.width_table.shape[1])
   dd = jax.nn.one_hot(di, space.depth_table.shape[1])
-  return float(cost_lib.table_cost(space, tables, wd, dd))
+  return float(predicted(model, tables, wd, dd))
 
 
-def calibrate_tables(space: space_lib.SearchSpace, tables: LatencyTables) -> LatencyTables:
+def calibrate_tables(model, tables: LatencyTables) -> LatencyTables:
   """Fit ``scale * sum_of_units + offset`` to the measured latency of the largest and smallest networks."""
+  space = model.space
   raw = dataclasses.replace(tables, scale=1.0, offset=0.0)
   small = space.shape_from_indices(np.zeros(space.width_table.shape[0], np.int32),
                                    np.zeros(space.depth_table.shape[0], np.int32))
   points = []
   for shape in (space.base, small):
     measured = latency_lib.measure_latency(shape, tables.batch_size, runs=30)["median_ms"] / 1e3
-    points.append((predict(space, raw, shape), measured))
+    points.append((predict(model, raw, shape), measured))
   (p1, m1), (p0, m0) = points
   scale = (m1 - m0) / (p1 - p0) if p1 > p0 else 1.0
   scale = min(max(scale, 0.25), 4.0)  # a wild fit means noisy timings: stay near the measured parts

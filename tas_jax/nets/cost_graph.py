@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tas_jax.core import cost as cost_lib
 from tas_jax.nets import searchable
-from tas_jax.nets.searchable import Width
+from tas_jax.nets.searchable import StackOutput, Width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Term:
   unit: int
   widths: tuple  # (group path, power) of every searched group; fixed widths are folded into unit
   blocks: tuple  # (stack path, block index) of every enclosing stack
+  kind: str = "op"  # op | projection | bias (see searchable.record)
+  name: str | None = None
+  specs: tuple = ()  # the recorded widths in order: a node's path, or an int for a plain int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,42 +41,158 @@ class CostGraph:
   The expected cost sums ``unit * prod E[c_g^power] * prod P(block kept)``:
   exact for independent groups, a group named twice in a term (a layer
   reading and writing one group) contributing its second moment, not the
-  square of its mean. The discrete cost is the same at the argmax.
+  square of its mean. A projection term is ``unit * E[c_a c_b [c_a != c_b]]``.
+  The discrete cost is the same at the argmax.
+
+  ``official=True`` follows TAS's official formulas where they differ from the
+  network they describe: a layer after a stack reads the width of the stack's
+  last block whatever the depth, E leaves out projections, and neither E nor
+  F counts biases.
+
+  Every method takes an optional ``probs(node)``: the probabilities of a
+  width group or stack (None: its own distribution), for networks that keep
+  their logits elsewhere (``learned=False``).
   """
 
   terms: tuple[Term, ...]
+  official: bool = False
 
-  def _total(self, model, wprobs, sprobs):
-    groups = dict(nnx.iter_graph(model))
+  def _dist(self, node, probs, last=None):
+    if isinstance(node, StackOutput):
+      return node.distribution(probs, probs, last=self.official if last is None else last)
+    return node.distribution(probs(node))
+
+  def _values(self, model, probs, dtype, discrete: bool):
+    """Every term's value under ``probs`` (one-hot integers make them exact integers).
+
+    Each distribution, moment and survival probability is built once and shared by the terms that use it,
+    which keeps the traced graph (and its gradient) small.
+    """
+    nodes = dict(nnx.iter_graph(model))
+    memo = {}
+
+    def once(key, make):
+      if key not in memo:
+        memo[key] = make()
+      return memo[key]
+
+    def dist(spec):
+      if isinstance(spec, int):
+        return (spec,), jnp.ones(1, dtype)
+      return once(("dist", spec), lambda: (lambda w, p: (w, p.astype(dtype)))(*self._dist(nodes[spec], probs)))
+
+    def moment(path, power):
+      def make():
+        widths, p = dist(path)
+        return (p * jnp.asarray(np.asarray(widths) ** power, dtype)).sum()
+      return once(("moment", path, power), make)
+
+    def survival(path, j):
+      def make():
+        s = nodes[path]
+        p = probs(s)
+        p = s.probs() if p is None else p
+        return (p.astype(dtype) * jnp.asarray([c > j for c in s.choices], dtype)).sum()
+      return once(("survival", path, j), make)
+
+    values = []
+    for t in self.terms:
+      if (t.kind == "bias" and self.official) or (t.kind == "projection" and self.official and not discrete):
+        continue
+      v = jnp.asarray(t.unit, dtype)
+      if t.kind == "projection":
+        (va, pa), (vb, pb) = (dist(s) for s in t.specs)
+        differ = np.asarray([[a * b * (a != b) for b in vb] for a in va])
+        v = v * (pa @ jnp.asarray(differ, dtype) @ pb)
+      else:
+        for path, power in t.widths:
+          v = v * moment(path, power)
+      for path, j in t.blocks:
+        if not nodes[path].fixed:
+          v = v * survival(path, j)
+      values.append(v)
+    return values
+
+  def expected(self, model, probs=None) -> jax.Array:
+    """E: the cost under the current distributions, differentiable in the logits."""
+    probs = probs or (lambda node: None)
+    return sum(self._values(model, probs, jnp.float32, False), jnp.zeros((), jnp.float32))
+
+  def _one_hot(self, probs):
+    def f(node):
+      if node.fixed:
+        return None
+      p = probs(node) if probs is not None else None
+      p = node.probs() if p is None else p
+      return jax.nn.one_hot(jnp.argmax(p), p.shape[0], dtype=jnp.int32)
+    return f
+
+  def discrete_pair(self, model, probs=None) -> jax.Array:
+    """F in exact integers on device: int32 ``[high, low]`` with F = high * 2**16 + low (no rounding beyond
+    2**24, where float32 starts to round; each term must stay below 2**31)."""
+    terms = jnp.stack(self._values(model, self._one_hot(probs), jnp.int32, True))
+    return jax.lax.stop_gradient(jnp.stack([(terms >> 16).sum(), (terms & 0xFFFF).sum()]).astype(jnp.int32))
+
+  def discrete(self, model, probs=None) -> jax.Array:
+    """F: the cost of the argmax network, as a float on device."""
+    return cost_lib.as_float(self.discrete_pair(model, probs))
+
+  def tabled(self, model, tables: dict, probs=None, argmax: bool = False) -> jax.Array:
+    """The sum over named terms of their tables contracted with their widths' distributions.
+
+    ``tables[name]`` has one axis per width the term records, over its candidates (one entry for a fixed
+    width; entries beyond the candidates are ignored); terms without a table contribute nothing. With
+    softmax probabilities this is the expected value of a per-layer measure (a latency) for independent
+    widths; with ``argmax=True`` the argmax network's. It measures the network as built, whatever the
+    convention: a layer after a stack reads the depth-mixed width.
+    """
+    probs = probs or (lambda node: None)
+    if argmax:
+      hot = self._one_hot(probs)
+      probs = lambda node: None if node.fixed else hot(node).astype(jnp.float32)
+    nodes = dict(nnx.iter_graph(model))
     total = jnp.zeros((), jnp.float32)
     for t in self.terms:
-      v = jnp.asarray(float(t.unit), jnp.float32)
-      for path, power in t.widths:
-        g = groups[path]
-        v = v * g.moment(power, wprobs(g))
+      if t.name not in tables:
+        continue
+      v = jnp.asarray(tables[t.name], jnp.float32)
+      for s in reversed(t.specs):
+        widths, p = self._dist(nodes[s], probs, last=False)
+        v = v[..., : len(widths)] @ p.astype(jnp.float32)
       for path, j in t.blocks:
-        s = groups[path]
-        v = v * s.survival(j, sprobs(s))
+        s = nodes[path]
+        if not s.fixed:
+          p = probs(s)
+          v = v * ((s.probs() if p is None else p) * jnp.asarray([c > j for c in s.choices], jnp.float32)).sum()
       total = total + v
     return total
 
-  def expected(self, model) -> jax.Array:
-    """E: the cost under the current distributions, differentiable in the logits."""
-    return self._total(model, lambda g: None, lambda s: None)
-
-  def discrete(self, model) -> jax.Array:
-    """F: the cost of the argmax network, as a float on device."""
-    one_hot = lambda m: None if m.fixed else jax.nn.one_hot(jnp.argmax(m.logits[...]), m.logits.shape[0])
-    return jax.lax.stop_gradient(self._total(model, one_hot, one_hot))
-
   def count(self, model, choice: dict | None = None) -> int:
-    """Exact multiply-accumulates of the argmax network, or of ``choice`` (see ``searchable.argmax_choice``)."""
-    groups = dict(nnx.iter_graph(model))
+    """The discrete cost of the argmax network, or of ``choice`` (see ``searchable.argmax_choice``), exactly, on
+    the host."""
+    nodes = dict(nnx.iter_graph(model))
+    paths = {id(n): p for p, n in nodes.items()}
     choice = searchable.argmax_choice(model) if choice is None else choice
+
+    def width(spec):
+      if isinstance(spec, int):
+        return spec
+      n = nodes[spec]
+      if isinstance(n, StackOutput):
+        return n.chosen(choice, paths, last=self.official)
+      return n.nominal if n.fixed else n.candidates[choice[spec]]
+
     total = 0
     for t in self.terms:
-      if all(groups[p].choices[choice.get(p, -1)] > j for p, j in t.blocks):
-        total += t.unit * math.prod(groups[p].candidates[choice[p]] ** e for p, e in t.widths)
+      if t.kind == "bias" and self.official:
+        continue
+      if not all(nodes[p].fixed or nodes[p].choices[choice[p]] > j for p, j in t.blocks):
+        continue
+      if t.kind == "projection":
+        a, b = (width(s) for s in t.specs)
+        total += t.unit * a * b * (a != b)
+      else:
+        total += t.unit * math.prod(width(p) ** e for p, e in t.widths)
     return int(total)
 
   def full(self, model) -> int:
@@ -122,8 +242,11 @@ class CostGraph:
     return choice
 
 
-def trace(model: nnx.Module, example) -> CostGraph:
-  """The cost graph of ``model`` on inputs like ``example`` (an array or ``jax.ShapeDtypeStruct``, batch 1)."""
+def trace(model: nnx.Module, example, *, forward=None, official: bool = False) -> CostGraph:
+  """The cost graph of ``model`` on inputs like ``example`` (an array or ``jax.ShapeDtypeStruct``, batch 1).
+
+  ``forward(model, x)`` runs the network (default ``model(x)``); ``official`` see :class:`CostGraph`.
+  """
   graphdef, state = nnx.split(model)
   seen = []
 
@@ -131,7 +254,7 @@ def trace(model: nnx.Module, example) -> CostGraph:
     m = nnx.merge(graphdef, state)
     m.eval()
     seen.append(m)
-    return m(x)
+    return m(x) if forward is None else forward(m, x)
 
   with searchable.recording() as records:
     jax.eval_shape(run, state, example)
@@ -141,18 +264,25 @@ def trace(model: nnx.Module, example) -> CostGraph:
     if isinstance(node, Width) and id(node) not in written:
       raise ValueError(f"width group {'/'.join(map(str, path))} is searched but no searchable layer writes it: its "
                        "channels would never be cut; declare it with search=False")
-  if any(id(w) not in paths for _, widths, _ in records for w in widths if isinstance(w, Width)):
+  nodes = (Width, StackOutput)
+  if any(id(w) not in paths for _, widths, *_ in records for w in widths if isinstance(w, nodes)):
     raise ValueError("a layer ran on a copy of the network (an NNX transform such as nnx.jit, nnx.remat or "
                      "nnx.scan inside the forward): trace needs the forward to call its searchable layers directly")
   terms = []
-  for unit, widths, blocks in records:
+  for unit, widths, blocks, kind, name in records:
     powers: dict = {}
     fixed = []
     for w in widths:
-      if isinstance(w, Width) and not w.fixed:
+      if isinstance(w, nodes) and not w.fixed:
         powers[paths[id(w)]] = powers.get(paths[id(w)], 0) + 1
       else:
-        fixed.append(w.nominal if isinstance(w, Width) else int(w))
+        fixed.append(w.nominal if isinstance(w, nodes) else int(w))
+    if kind == "projection" and len(powers) == 1 and not fixed:
+      continue  # one group added to itself: the widths always match
+    specs = tuple(paths[id(w)] if isinstance(w, nodes) else int(w) for w in widths)
+    if kind == "projection":
+      terms.append(Term(unit, (), tuple((paths[id(s)], j) for s, j in blocks), kind, name, specs))
+      continue
     terms.append(Term(unit * math.prod(fixed), tuple(sorted(powers.items())),
-                      tuple((paths[id(s)], j) for s, j in blocks)))
-  return CostGraph(tuple(terms))
+                      tuple((paths[id(s)], j) for s, j in blocks), kind, name, specs))
+  return CostGraph(tuple(terms), official)

@@ -7,8 +7,10 @@ without ReLU; a stride-1 block whose input is its stage's width adds its
 input. Searched: every block's hidden width, every stage's output width (one
 group per stage: the blocks of a stage add into one stream), the stem and
 the last 1x1 conv; the trailing blocks of every stage of two or more blocks
-may be dropped (a depth group per stage). The CIFAR variant keeps the stem
-and the second stage at stride 1, as is usual for 32 x 32 images.
+may be dropped (a depth group per stage). The CIFAR variant keeps the stem and
+the second stage at stride 1, as is usual for 32 x 32 images. Its stages are
+not scanned: on the CPU that neither shortened the compile (93 s against 92 s)
+nor the step (4.80 s against 4.46 s per iteration, batch 64).
 """
 
 from __future__ import annotations

@@ -1,26 +1,24 @@
-"""The TAS search space as a Flax NNX supernet whose widths and depths are distributions.
+"""The TAS search space of the built-in ResNets, built from the searchable layers of :mod:`tas_jax.nets.searchable`.
 
-Forward in search mode (METHOD.md §2.1 to 2.6): every conv runs at its full
-(nominal) width on a zero-padded input, so weights are shared by first-c
-filters; k widths are drawn per conv (Gumbel top-k, re-normalised weights);
-each drawn width gets its own batch norm, applied before channel-wise
-interpolation (CWI) to the widest drawn width; a block's shortcut reuses the
-draw of its last conv; residual adds are left-aligned; at a stage's end the
-outputs of the candidate end blocks are mixed with soft Gumbel weights after
-CWI to the widest of them; the classifier reads the first channels.
+Every conv writes a width group of its own (a block's projection shortcut
+writes its last conv's), with that conv's candidate widths (METHOD.md §1.2);
+every stage is a depth group, a :class:`~tas_jax.nets.searchable.Stack`
+whose blocks return their features with the number of channels they filled,
+so that its candidate end blocks, which write different groups, are
+interpolated to the widest before the soft depth mix (METHOD.md §2.5), and the
+next stage reads the mixed width
+(:class:`~tas_jax.nets.searchable.StackOutput`). Identity shortcuts are
+left-aligned adds of zero-padded maps, which cost the pruned network a 1x1
+projection where the two widths differ (a ``projection`` record). The
+identical blocks of a stage run as one ``lax.scan``.
 
-Feature maps keep a static channel axis (the nominal width) and carry their
-current width as a traced integer; channels beyond it are zero. Zero padding
-makes the left-aligned add a plain sum and first-c weight sharing a plain full
-conv. The per-candidate batch norms and the CWI of one conv are folded into a
-single channel-mixing matrix, so a searchable conv costs one conv plus one
-C x C matmul whatever k is.
-
-The identical blocks of a stage (all but its first) run as one ``lax.scan``
-over their stacked variables, so compile time hardly grows with depth.
-
-Architecture parameters live in :class:`ArchParam` variables, apart from
-weights (``nnx.Param``) and batch-norm statistics (``nnx.BatchStat``).
+The logits are two tables, one row per conv (``width_logits`` [L, K]) and
+per stage (``depth_logits`` [S, Kd]), padded and masked like
+:class:`tas_jax.core.space.SearchSpace`: the groups are ``learned=False`` and
+this network draws them (:meth:`Supernet.sample`, a :class:`Selection`) and
+gives their probabilities to the cost graph (:attr:`Supernet.graph`, traced
+once per space). Architecture parameters are :class:`ArchParam` variables,
+apart from weights (``nnx.Param``) and batch-norm statistics (``nnx.BatchStat``).
 """
 
 from __future__ import annotations
@@ -32,15 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tas_jax.core import cost as cost_lib
-from tas_jax.core import cwi as cwi_lib
-from tas_jax.nets import conv as conv_lib
-from tas_jax.nets import resnet as resnet_lib
-from tas_jax.nets.searchable import ArchParam
 from tas_jax.core import sampling
 from tas_jax.core import shapes as shapes_lib
 from tas_jax.core import space as space_lib
 from tas_jax.core.shapes import Shape
+from tas_jax.nets import cost_graph as cost_graph_lib
+from tas_jax.nets import resnet as resnet_lib
+from tas_jax.nets import searchable as S
+from tas_jax.nets.searchable import ArchParam
 
 MODES = ("width", "depth", "shape")
 
@@ -115,131 +112,53 @@ class Selection:
   hard: bool  # argmax mode: one width per conv, no CWI, the chosen depth selected exactly
 
 
-def _moments(y, groups: int):
-  """Per-channel batch mean and variance of y [B,H,W,C], globally or per batch slice."""
-  g = max(groups, 1)
-  yg = y.reshape((g, -1) + y.shape[1:]).astype(jnp.float32)
-  mean = yg.mean(axis=(1, 2, 3))
-  var = jnp.square(yg - mean[:, None, None, None]).mean(axis=(1, 2, 3))
-  return mean, var  # [G, C]
+class Block(nnx.Module):
+  """A residual block of the search space: ``(features, width) -> (features, width)``."""
 
-
-class SuperConv(nnx.Module):
-  """A conv at its nominal width with one batch norm per candidate width."""
-
-  def __init__(self, cin: int, cout: int, kernel: int, stride: int, num_candidates: int, *, bn: bool,
-               pool: bool = False, rngs: nnx.Rngs):
-    self.stride, self.pool = stride, pool
-    self.kernel = nnx.Param(resnet_lib.conv_init(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
-    self.has_bn = bn
-    if bn:
-      k = num_candidates
-      self.scale = nnx.Param(jnp.ones((k, cout), jnp.float32))
-      self.bias = nnx.Param(jnp.zeros((k, cout), jnp.float32))
-      self.mean = nnx.BatchStat(jnp.zeros((k, cout), jnp.float32))
-      self.var = nnx.BatchStat(jnp.ones((k, cout), jnp.float32))
-
-  def __call__(self, x, idx, width, weight, *, train: bool, groups: int, relu: bool, hard: bool, dtype,
-               unbiased_var: bool = True):
-    """Conv, candidate batch norms, CWI to the widest drawn width, weighted sum.
-
-    Returns the output (zero beyond its width) and that width (a traced int).
-    """
-    if self.pool:
-      x = resnet_lib.avg_pool2(x)
-    kernel = self.kernel[...]
-    if dtype is not None:
-      x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = conv_lib.conv(x, kernel, self.stride)
-    c = y.shape[-1]
-    g = max(groups, 1) if train else 1
-    if self.has_bn:
-      scale, bias = self.scale[...][idx], self.bias[...][idx]  # [k, C]
-      if train:
-        mean, var = _moments(y, groups)  # [G, C]
-        n = y.shape[0] // max(groups, 1) * y.shape[1] * y.shape[2]
-        running_var = var.mean(0) * (n / max(n - 1, 1) if unbiased_var else 1.0)
-        self._update_stats(idx, mean.mean(0), running_var)
-        inv = jax.lax.rsqrt(var + resnet_lib.BN_EPSILON)[:, None]  # [G, 1, C]
-        a = inv * scale[None]
-        b = bias[None] - mean[:, None] * a
-      else:
-        inv = jax.lax.rsqrt(self.var[...][idx] + resnet_lib.BN_EPSILON)
-        a = (inv * scale)[None]
-        b = (bias - self.mean[...][idx] * inv * scale)[None]
-    else:
-      a = jnp.ones((1,) + idx.shape + (c,), jnp.float32)
-      b = jnp.zeros((1,) + idx.shape + (c,), jnp.float32)
-    out_width = width.max()
-    keep = jax.lax.iota(jnp.int32, c)[None, :] < width[:, None]  # [k, C]
-    a, b = a * keep, b * keep
-    if hard:  # one candidate: no interpolation, the exact pruned conv
-      out = y.reshape((g, -1) + y.shape[1:]) * a[:, 0, None, None, None].astype(y.dtype)
-      out = out + b[:, 0, None, None, None].astype(y.dtype)
-    else:
-      # M = sum_j w_j diag(a_j) CWI(c_j -> c*), and the matching offset.
-      interp = jax.vmap(lambda w: cwi_lib.interpolation_matrix(c, w, out_width))(width)  # [k, C, C]
-      mix = jnp.einsum("gjc,jco,j->gco", a, interp, weight.astype(jnp.float32))
-      offset = jnp.einsum("gjc,jco,j->go", b, interp, weight.astype(jnp.float32))
-      if g == 1:  # a plain matmul compiles and runs faster than a batched one
-        out = jnp.dot(y, mix[0].astype(y.dtype)) + offset[0].astype(y.dtype)
-      else:
-        yg = y.reshape((g, -1) + y.shape[1:])
-        out = jnp.einsum("gbhwc,gco->gbhwo", yg, mix.astype(y.dtype)) + offset[:, None, None, None].astype(y.dtype)
-    out = out.reshape(y.shape)
-    return (jax.nn.relu(out) if relu else out), out_width
-
-  def _update_stats(self, idx, mean, var):
-    m = resnet_lib.BN_MOMENTUM
-    self.mean[...] = self.mean[...].at[idx].set(m * self.mean[...][idx] + (1 - m) * jax.lax.stop_gradient(mean))
-    self.var[...] = self.var[...].at[idx].set(m * self.var[...][idx] + (1 - m) * jax.lax.stop_gradient(var))
-
-
-class SuperBlock(nnx.Module):
-
-  def __init__(self, space: space_lib.SearchSpace, spec: shapes_lib.BlockSpec, config: SupernetConfig, *,
-               rngs: nnx.Rngs):
+  def __init__(self, cin, groups: list, spec: shapes_lib.BlockSpec, space: space_lib.SearchSpace,
+               config: SupernetConfig, *, rngs: nnx.Rngs):
     lay = space.layout
-    k = space.width_table.shape[1]
-    self.conv_ids = spec.convs
-    prev = spec.nominal_in
-    convs = []
-    for ci in spec.convs:
+    norm = dict(norm_groups=config.bn_groups, unbiased_var=config.unbiased_var)
+    prev, convs = cin, []
+    for ci, group in zip(spec.convs, groups):
       cs = lay.convs[ci]
-      convs.append(SuperConv(prev, cs.nominal, cs.kernel, cs.stride, k, bn=True, rngs=rngs))
-      prev = cs.nominal
+      convs.append(S.Conv(prev, group, cs.kernel, stride=cs.stride, cost_name=f"conv{ci}", rngs=rngs, **norm))
+      prev = group
     self.convs = nnx.List(convs)
-    has_conv = spec.stride > 1 or spec.nominal_in != spec.nominal_out
-    pool = spec.stride > 1 and space.base.shortcut == "avgpool"
-    self.shortcut = SuperConv(spec.nominal_in, spec.nominal_out, 1, 1 if pool or spec.stride == 1 else spec.stride,
-                              k, bn=config.shortcut_bn, pool=pool, rngs=rngs) if has_conv else None
-
-  def rows(self, sel: Selection):
-    """This block's rows of the selection: (idx, width, weight), each [convs, k]."""
-    rows = np.asarray(self.conv_ids)
-    return sel.idx[rows], sel.width[rows], sel.weight[rows]
-
-  def __call__(self, x, x_width, sel: Selection, *, train, groups, block_relu, dtype, unbiased_var=True):
-    return self.apply_rows(x, x_width, *self.rows(sel), hard=sel.hard, train=train, groups=groups,
-                           block_relu=block_relu, dtype=dtype, unbiased_var=unbiased_var)
-
-  def apply_rows(self, x, x_width, idx, width, weight, *, hard, train, groups, block_relu, dtype, unbiased_var=True):
-    """The block on its own selection rows (:meth:`rows`): what a scan over identical blocks calls."""
-    y, w = x, x_width
-    n = len(self.convs)
-    for i, conv in enumerate(self.convs):
-      y, w = conv(y, idx[i], width[i], weight[i], train=train, groups=groups, relu=i < n - 1,
-                  hard=hard, dtype=dtype, unbiased_var=unbiased_var)
-    if self.shortcut is not None:
-      s, sw = self.shortcut(x, idx[-1], width[-1], weight[-1], train=train, groups=groups,
-                            relu=False, hard=hard, dtype=dtype, unbiased_var=unbiased_var)
-    elif hard:  # the pruned net's identity or identity-initialised projection: first w channels of x
-      s = jnp.where(jax.lax.iota(jnp.int32, x.shape[-1]) < w, x, 0).astype(y.dtype)
-      sw = w
+    self.cin, self.out = cin, groups[-1]
+    self.conv_ids = spec.convs  # rows of the width table
+    self.relu = config.block_relu
+    self.pool = spec.stride > 1 and space.base.shortcut == "avgpool"
+    self.unit = spec.out_hw ** 2
+    self.key = f"{spec.stage},{spec.index}"
+    if spec.stride > 1 or spec.nominal_in != spec.nominal_out:
+      stride = 1 if self.pool or spec.stride == 1 else spec.stride
+      self.shortcut = S.Conv(cin, self.out, 1, stride=stride, norm=config.shortcut_bn,
+                             cost_name=f"shortcut{self.key}", rngs=rngs, **norm)
     else:
-      s, sw = x.astype(y.dtype), x_width
-    out = y + s  # left-aligned add of zero-padded maps
-    return (jax.nn.relu(out) if block_relu else out), jnp.maximum(w, sw)
+      self.shortcut = None
+
+  def __call__(self, xw):
+    x, x_width = xw
+    y = x
+    for i, conv in enumerate(self.convs):
+      y = conv(y)
+      if i < len(self.convs) - 1:
+        y = jax.nn.relu(y)
+    width = self.out.drawn_widths().max()
+    if self.shortcut is not None:
+      s, s_width = self.shortcut(resnet_lib.avg_pool2(x) if self.pool else x), width
+    else:
+      S.record(self.unit, self.cin, self.out, kind="projection", name=f"projection{self.key}")
+      if self.out.hard:  # the pruned net's identity or identity-initialised projection: first channels of x
+        s, s_width = jnp.where(jax.lax.iota(jnp.int32, x.shape[-1]) < width, x, 0), width
+      else:
+        s, s_width = x, x_width
+    out = y + s.astype(y.dtype)  # left-aligned add of zero-padded maps
+    return (jax.nn.relu(out) if self.relu else out), jnp.maximum(width, s_width)
+
+
+_GRAPHS: dict = {}  # (base, config) -> cost graph: every supernet of one space shares one trace
 
 
 class Supernet(nnx.Module):
@@ -248,7 +167,8 @@ class Supernet(nnx.Module):
   ``model(images, key, tau, train=True)`` runs the stochastic search forward;
   ``model.hard(images, train=False)`` runs the argmax network exactly. Both
   return ``(logits, costs)`` with ``costs = {"expected": E, "discrete": F}``
-  (see :mod:`tas_jax.core.cost`). :func:`apply` is the same as one pure function.
+  (F as an exact int32 pair, see :func:`tas_jax.core.cost.as_int`). :func:`apply`
+  is the same as one pure function.
   """
 
   def __init__(self, base: Shape, config: SupernetConfig = SupernetConfig(), *, rngs: nnx.Rngs):
@@ -257,18 +177,49 @@ class Supernet(nnx.Module):
     self.config = config
     self.space = make_space(shapes_lib.full_shape(base), config)
     space, lay = self.space, self.space.layout
-    k = space.width_table.shape[1]
+    rows = [tuple(int(c) for c, ok in zip(t, m) if ok) for t, m in zip(space.width_table, space.width_mask)]
+    groups = [S.Width(spec.nominal, candidates=row, search=len(row) > 1, learned=False)
+              for spec, row in zip(lay.convs, rows)]
+    if any(g.candidates != row for g, row in zip(groups, rows)):
+      raise ValueError("a conv's candidate widths must end at its unpruned width")
+    self.groups = nnx.List(groups)
+    norm = dict(norm_groups=config.bn_groups, unbiased_var=config.unbiased_var)
     stem = lay.convs[0]
-    self.stem = SuperConv(base.in_channels, stem.nominal, stem.kernel, stem.stride, k, bn=True, rngs=rngs)
-    self.blocks = nnx.List([SuperBlock(space, b, config, rngs=rngs) for b in lay.blocks])
-    last = lay.blocks[-1].nominal_out
-    self.head_kernel = nnx.Param(resnet_lib.linear_init(rngs.params(), (last, base.num_classes), jnp.float32))
-    self.head_bias = nnx.Param(jnp.zeros((base.num_classes,), jnp.float32))
+    self.stem = S.Conv(S.Width(base.in_channels, search=False, learned=False), groups[0], stem.kernel,
+                       stride=stem.stride, cost_name="stem", rngs=rngs, **norm)
+    prev, stages = groups[0], []
+    for s in range(len(space.base.layers)):
+      blocks = []
+      for spec in lay.stage_blocks(s):
+        blocks.append(Block(prev, [groups[ci] for ci in spec.convs], spec, space, config, rngs=rngs))
+        prev = blocks[-1].out
+      choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
+      stages.append(S.Stack(blocks, choices=choices, search=len(choices) > 1, scan=config.scan_blocks,
+                            learned=False))
+      prev = S.StackOutput(stages[-1], [b.out for b in blocks])
+    self.stages = nnx.List(stages)
+    self.head = S.Dense(prev, S.Width(base.num_classes, search=False, learned=False),
+                        kernel_init=resnet_lib.linear_init, cost_name="head", rngs=rngs)
     init = nnx.initializers.normal(0.01)
     self.width_logits = ArchParam(init(rngs.params(), space.width_table.shape, jnp.float32))
     self.depth_logits = ArchParam(init(rngs.params(), space.depth_table.shape, jnp.float32))
+    key = (space.base, config)
+    if key not in _GRAPHS:
+      example = jax.ShapeDtypeStruct((1, base.image_size, base.image_size, base.in_channels), jnp.float32)
+      _GRAPHS[key] = cost_graph_lib.trace(self, example, official=not config.exact_cost,
+                                          forward=lambda m, x: m.hard(x, with_costs=False)[0])
+
+  @property
+  def blocks(self) -> list[Block]:
+    """Every block, stage by stage."""
+    return [b for stage in self.stages for b in stage.blocks]
 
   # ------------------------------------------------------------------ distributions and costs
+  @property
+  def graph(self) -> cost_graph_lib.CostGraph:
+    """The cost graph of this search space (exact, or the official formulas: ``config.exact_cost``)."""
+    return _GRAPHS[(self.space.base, self.config)]
+
   def width_probs(self):
     return _masked_softmax(self.width_logits[...], self.space.width_mask)
 
@@ -276,13 +227,46 @@ class Supernet(nnx.Module):
     return _masked_softmax(self.depth_logits[...], self.space.depth_mask)
 
   def argmax(self):
-    return cost_lib.argmax_indices(self.space, self.width_logits[...], self.depth_logits[...])
+    """Candidate index of the argmax shape (METHOD.md §5) per conv and stage, masked candidates excluded."""
+    neg = jnp.finfo(jnp.float32).min
+    wi = jnp.argmax(jnp.where(self.space.width_mask, self.width_logits[...], neg), axis=-1)
+    di = jnp.argmax(jnp.where(self.space.depth_mask, self.depth_logits[...], neg), axis=-1)
+    return wi.astype(jnp.int32), di.astype(jnp.int32)
+
+  def rows(self, width, depth):
+    """The cost graph's ``probs``: row r of ``width`` [L, K] for group r, of ``depth`` [S, Kd] for stage r."""
+    groups = {id(g): i for i, g in enumerate(self.groups)}
+    stages = {id(s): i for i, s in enumerate(self.stages)}
+
+    def probs(node):
+      if id(node) in groups:
+        return width[groups[id(node)], : len(node.candidates)]
+      if id(node) in stages:
+        return depth[stages[id(node)], : len(node.choices)]
+      return None
+
+    return probs
+
+  def expected_cost(self, width_probs, depth_probs):
+    """E (METHOD.md §3.2) in MACs for width [L, K] and depth [S, Kd] probabilities, differentiable in both."""
+    return self.graph.expected(self, self.rows(width_probs, depth_probs))
+
+  def discrete_cost(self, width_idx, depth_idx):
+    """F (METHOD.md §3.3) of the shape given by one candidate index per conv [L] and stage [S], as an exact
+    int32 pair (:func:`tas_jax.core.cost.as_int`); jittable and vmappable."""
+    hot = lambda i, n: jax.nn.one_hot(i, n, dtype=jnp.float32)
+    return self.graph.discrete_pair(self, self.rows(hot(width_idx, self.space.width_table.shape[1]),
+                                                    hot(depth_idx, self.space.depth_table.shape[1])))
+
+  def table_cost(self, tables: dict, width_dist, depth_dist):
+    """The sum of per-layer tables (``{name: array}``, see :meth:`CostGraph.tabled`) under width [L, K] and
+    depth [S, Kd] distributions: softmax probabilities for an expectation, one-hot for one shape."""
+    return self.graph.tabled(self, tables, self.rows(width_dist, depth_dist))
 
   def costs(self):
-    wi, di = self.argmax()
-    return {"expected": cost_lib.expected_cost(self.space, self.width_probs(), self.depth_probs(),
-                                               self.config.exact_cost),
-            "discrete": cost_lib.discrete_cost(self.space, wi, di, self.config.exact_cost)}
+    """E under the current distributions and F of the argmax shape (an exact int32 pair)."""
+    return {"expected": self.expected_cost(self.width_probs(), self.depth_probs()),
+            "discrete": self.discrete_cost(*self.argmax())}
 
   def argmax_shape(self) -> Shape:
     """The argmax shape on the host (METHOD.md §5)."""
@@ -303,6 +287,13 @@ class Supernet(nnx.Module):
     depth = jax.nn.one_hot(di, self.space.depth_table.shape[1], dtype=jnp.float32)
     return Selection(idx, _widths(self.space, idx), jnp.ones(idx.shape, jnp.float32), depth, hard=True)
 
+  def draw(self, sel: Selection) -> None:
+    """Point every group and stage at a selection's rows for the next forward."""
+    for i, g in enumerate(self.groups):
+      g.idx, g.weight, g.hard = sel.idx[i], sel.weight[i], sel.hard
+    for s, stage in enumerate(self.stages):
+      stage.q, stage.hard = (None if sel.depth is None else sel.depth[s, : len(stage.choices)]), sel.hard
+
   def __call__(self, images, key, tau, *, train: bool = True, with_costs: bool = True):
     return self.forward(images, self.sample(key, tau), train=train, with_costs=with_costs)
 
@@ -310,55 +301,20 @@ class Supernet(nnx.Module):
     return self.forward(images, self.argmax_selection(), train=train, with_costs=with_costs)
 
   def forward(self, images, sel: Selection, *, train: bool, with_costs: bool = True):
-    cfg, space, lay = self.config, self.space, self.space.layout
-    groups = cfg.bn_groups if train else 0
-    kw = dict(train=train, groups=groups, dtype=cfg.dtype, unbiased_var=cfg.unbiased_var)
-    x, w = self.stem(images, sel.idx[0], sel.width[0], sel.weight[0], relu=True, hard=sel.hard, **kw)
-    if space.base.arch == "imagenet":
+    self.draw(sel)
+    self.train() if train else self.eval()
+    x = images if self.config.dtype is None else images.astype(self.config.dtype)
+    x = jax.nn.relu(self.stem(x))
+    if self.space.base.arch == "imagenet":
       x = resnet_lib.max_pool3s2(x)
-    kw["block_relu"] = cfg.block_relu
-    for s in range(len(space.base.layers)):
-      choices = [int(d) for d, ok in zip(space.depth_table[s], space.depth_mask[s]) if ok]
-      stage = [(spec, block) for spec, block in zip(lay.blocks, self.blocks) if spec.stage == s]
-      ends = []
-      # A stage's first block changes the resolution or width; the blocks after it are identical, and one
-      # scanned body for them keeps the compile time from growing with depth.
-      head, tail = (stage[:1], stage[1:]) if cfg.scan_blocks and len(stage) > 2 else (stage, [])
-      for spec, block in head:
-        x, w = block(x, w, sel, **kw)
-        if spec.index + 1 in choices:
-          ends.append((x, w))
-      if tail:
-        x, w, ys, yws = _scan_blocks([b for _, b in tail], x, w, sel, kw)
-        ends += [(ys[i], yws[i]) for i, (spec, _) in enumerate(tail) if spec.index + 1 in choices]
-      if len(ends) > 1:
-        x, w = _mix_depths(ends, sel.depth[s, : len(ends)], sel.hard)
-    feats = x.astype(jnp.float32).mean(axis=(1, 2))
-    logits = feats @ self.head_kernel[...] + self.head_bias[...]
+    xw = (x, self.stem.out.drawn_widths().max())
+    for stage in self.stages:
+      xw = stage(xw)
+    feats = xw[0].astype(jnp.float32).mean(axis=(1, 2))
+    S.record(self.space.base.num_classes, kind="bias")
+    logits = self.head(feats)
     # The cost graph is small but not free to compile; the weight step does not need it.
     return logits, (self.costs() if with_costs else None)
-
-
-def _scan_blocks(blocks, x, w, sel: Selection, kw):
-  """Identical blocks in order as one ``lax.scan`` over their stacked variables, updating their statistics.
-
-  Returns the last output and width, and every block's output and width stacked (for the depth mix).
-  """
-  graphdef = nnx.graphdef(blocks[0])  # same structure for all; the conv ids it holds are not read here
-  stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks])
-  rows = [b.rows(sel) for b in blocks]
-  idx, width, weight = (jnp.stack([r[i] for r in rows]) for i in range(3))
-
-  def body(carry, inputs):
-    state, i, wd, wt = inputs
-    block = nnx.merge(graphdef, state)
-    y, yw = block.apply_rows(*carry, i, wd, wt, hard=sel.hard, **kw)
-    return (y, yw), (y, yw, nnx.state(block, nnx.BatchStat))
-
-  (x, w), (ys, yws, stats) = jax.lax.scan(body, (x, jnp.asarray(w, jnp.int32)), (stacked, idx, width, weight))
-  for i, block in enumerate(blocks):
-    nnx.update(block, jax.tree.map(lambda v: v[i], stats))
-  return x, w, ys, yws
 
 
 def _widths(space, idx):
@@ -370,52 +326,25 @@ def _masked_softmax(logits, mask):
   return jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1) * mask
 
 
-def _mix_depths(ends, q, hard: bool):
-  """Stage output O = sum_k q_k CWI(F_k, C_max) over candidate end blocks (METHOD.md §2.5)."""
-  widths = jnp.stack([w for _, w in ends])
-  if hard:  # the chosen end block, exactly
-    k = jnp.argmax(q)
-    out = ends[0][0]
-    for i in range(1, len(ends)):
-      out = jnp.where(k == i, ends[i][0], out)
-    return out, widths[k]
-  c_max = widths.max()
-  c = ends[0][0].shape[-1]
-  # One matmul with the stacked interpolation matrices: dense and fast on every backend, where
-  # per-channel gathers (and their scatter-add gradients) are slow on CPUs.
-  mats = jax.vmap(lambda w: cwi_lib.interpolation_matrix(c, w, c_max))(widths) * q[:, None, None]
-  feats = jnp.concatenate([f for f, _ in ends], axis=-1)  # [B, H, W, K*C]
-  out = jnp.dot(feats, mats.reshape(-1, c).astype(feats.dtype))
-  return out, c_max
-
-
 def candidate_rows(model: Supernet):
-  """(SuperConv, width-table row) of every searchable conv; a shortcut shares its block's last conv's row."""
+  """(conv, width-table row) of every searchable conv; a shortcut shares its block's last conv's row."""
   pairs = [(model.stem, 0)]
-  for spec, block in zip(model.space.layout.blocks, model.blocks):
-    pairs += list(zip(block.convs, spec.convs))
+  for block in model.blocks:
+    pairs += list(zip(block.convs, block.conv_ids))
     if block.shortcut is not None:
-      pairs.append((block.shortcut, spec.convs[-1]))
+      pairs.append((block.shortcut, block.conv_ids[-1]))
   return pairs
 
 
 def drawn_mask(model: Supernet, idx) -> nnx.State:
   """Which weights a forward with the drawn candidates ``idx`` [L, k] used, as a tree like the weights.
 
-  False only for the batch-norm scales and offsets of the candidates not
-  drawn: the official code gives every candidate its own batch-norm module,
-  so those get no gradient and PyTorch's optimiser leaves them untouched
-  (see :func:`tas_jax.core.optim.masked_update`). Everything else is used.
+  False only for the batch-norm scales and offsets of the candidates not drawn
+  (see :func:`tas_jax.nets.searchable.drawn_mask`).
   """
-  k = model.space.width_table.shape[1]
-  drawn = (jnp.asarray(idx)[..., None] == jnp.arange(k)).any(axis=1)  # [L, K]
-  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
-  mask = nnx.merge(graphdef, jax.tree.map(lambda _: jnp.ones((), bool), weights), rest, copy=True)
-  for conv, row in candidate_rows(mask):
-    if conv.has_bn:
-      conv.scale.set_value(drawn[row][:, None])
-      conv.bias.set_value(drawn[row][:, None])
-  return nnx.state(mask, nnx.Param)
+  model = nnx.merge(*nnx.split(model), copy=True)
+  model.draw(Selection(idx, _widths(model.space, idx), jnp.ones(idx.shape, jnp.float32), None, hard=False))
+  return S.drawn_mask(model)
 
 
 # ----------------------------------------------------------------------------- functional interface

@@ -32,9 +32,9 @@ from flax import nnx
 from tas_jax.core import shapes
 from tas_jax.nets import resnet
 from tas_jax.nets import searchable
-from tas_jax.nets import supernet as supernet_lib
 
 _BN_FIELDS = ("scale", "bias", "mean", "var")
+_SEARCHABLE_NORM = ("scale", "offset", "mean", "var")  # a searchable layer's per-candidate norm, in _BN_FIELDS order
 
 
 def _set(variable, value) -> None:
@@ -153,8 +153,9 @@ def with_dtype(net: resnet.ResNet, dtype) -> resnet.ResNet:
   return model
 
 
-def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
-  """The argmax shape and the concrete pruned network carrying the supernet's weights.
+def export(model) -> tuple[shapes.Shape, resnet.ResNet]:
+  """The argmax shape and the concrete pruned network carrying a ResNet supernet's weights
+  (:class:`tas_jax.nets.supernet.Supernet`).
 
   Convs get the first filters and input channels of their supernet kernels and
   the chosen candidate's batch norm. A projection shortcut the pruned net adds
@@ -186,14 +187,14 @@ def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
         _neutral_bn(pb.shortcut.bn, cout)
       continue
     kernel = sb.shortcut.kernel[...][:, :, :cin, :cout]
-    if pb.shortcut.bn is not None and sb.shortcut.has_bn:
+    if pb.shortcut.bn is not None and sb.shortcut.norm:
       _set(pb.shortcut.conv.kernel, kernel)
-      _set_bn(pb.shortcut.bn, *(getattr(sb.shortcut, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var")))
+      _set_bn(pb.shortcut.bn, *(getattr(sb.shortcut, n)[...][j, :cout] for n in _SEARCHABLE_NORM))
     elif pb.shortcut.bn is not None:
       _set(pb.shortcut.conv.kernel, kernel)
       _neutral_bn(pb.shortcut.bn, cout)
-    elif sb.shortcut.has_bn:  # fold the eval-mode affine into the kernel and the branch's offset
-      scale, bias, mean, var = (getattr(sb.shortcut, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var"))
+    elif sb.shortcut.norm:  # fold the eval-mode affine into the kernel and the branch's offset
+      scale, bias, mean, var = (getattr(sb.shortcut, n)[...][j, :cout] for n in _SEARCHABLE_NORM)
       a = scale * jax.lax.rsqrt(var + resnet.BN_EPSILON)
       _set(pb.shortcut.conv.kernel, kernel * a)
       last_bn = pb.convs[-1].bn
@@ -201,17 +202,17 @@ def export(model: supernet_lib.Supernet) -> tuple[shapes.Shape, resnet.ResNet]:
     else:
       _set(pb.shortcut.conv.kernel, kernel)
   c = shape.out_width
-  _set(net.head.kernel, model.head_kernel[...][:c])
-  _set(net.head.bias, model.head_bias[...])
+  _set(net.head.kernel, model.head.kernel[...][:c])
+  _set(net.head.bias, model.head.bias[...])
   if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(net))):
     raise AssertionError("a variable of the exported network was left unset")
   net.eval()
   return shape, net
 
 
-def _load_conv(dst: resnet.ConvBN, src: supernet_lib.SuperConv, j: int, cin: int, cout: int):
+def _load_conv(dst: resnet.ConvBN, src: searchable.Conv, j: int, cin: int, cout: int):
   _set(dst.conv.kernel, src.kernel[...][:, :, :cin, :cout])
-  _set_bn(dst.bn, *(getattr(src, n)[...][j, :cout] for n in ("scale", "bias", "mean", "var")))
+  _set_bn(dst.bn, *(getattr(src, n)[...][j, :cout] for n in _SEARCHABLE_NORM))
 
 
 def export_searchable(model: nnx.Module, choice: dict | None = None) -> nnx.Module:
@@ -220,7 +221,14 @@ def export_searchable(model: nnx.Module, choice: dict | None = None) -> nnx.Modu
   Every layer keeps the first channels of its chosen input and output widths and its chosen width
   candidate's own norm; every stack keeps its first blocks up to its chosen depth; every group becomes a
   fixed width. ``model`` is not changed.
+
+  Raises ValueError for a network whose stacks' blocks write different width groups (a
+  :class:`~tas_jax.nets.searchable.StackOutput`): its concrete form needs projection shortcuts where
+  added widths differ, which only the network's own surgery builds (the ResNets: :func:`export`).
   """
+  if searchable.nodes(model, searchable.StackOutput):
+    raise ValueError("this network adds width groups that may differ (a StackOutput): its concrete form needs "
+                     "projection shortcuts, which export_searchable does not build")
   choice = searchable.argmax_choice(model) if choice is None else choice
   net = nnx.clone(model)
   chosen = {}
@@ -242,15 +250,15 @@ def export_searchable(model: nnx.Module, choice: dict | None = None) -> nnx.Modu
     d = s.choices[choice.get(p, len(s.choices) - 1)]
     s.blocks = nnx.List(list(s.blocks)[:d])
     s.choices = (d,)
+    s.scan = False  # pruned blocks have widths of their own
     s.logits = searchable.ArchParam(jnp.zeros((1,), jnp.float32))
-    s.q = searchable.Draw(jnp.ones((1,), jnp.float32))
+    s.q = None
     s.hard = True
   for _, g in searchable.nodes(net, searchable.Width):
     _, c = chosen[id(g)]
     g.nominal, g.candidates = c, (c,)
     g.logits = searchable.ArchParam(jnp.zeros((1,), jnp.float32))
-    g.idx = searchable.Draw(jnp.zeros((1,), jnp.int32))
-    g.weight = searchable.Draw(jnp.ones((1,), jnp.float32))
+    g.idx = g.weight = None
     g.hard = True
   net.eval()  # for inference; net.train() to fine-tune it
   return net

@@ -5,9 +5,11 @@ position embedding is added, pre-norm blocks (multi-head self-attention, then
 a two-layer GELU MLP, each with a residual add) follow, and the mean token
 feeds a linear classifier. The residual width ``dim`` and the heads are
 fixed; the hidden width of every block's MLP is its own width group and the
-blocks form one depth group. Attention costs its four projections plus
-Q K^T and A V, ``tokens^2 * dim`` multiply-accumulates each per image
-(see :mod:`tas_jax.core.macs`).
+blocks form one depth group. Attention costs its four projections plus Q K^T
+and A V, ``tokens^2 * dim`` multiply-accumulates each per image (see
+:mod:`tas_jax.core.macs`). Its blocks are not scanned: on the CPU the scanned
+step ran 1.6 times slower (0.69 s against 0.44 s per iteration, batch 64)
+for a compile time of 8 s unrolled.
 """
 
 from __future__ import annotations

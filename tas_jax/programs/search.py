@@ -39,12 +39,12 @@ from tas_jax.core import derive
 log = logging.getLogger("tas_jax")
 
 
-def _latency_tables(cfg: SearchSettings, run_, space):
+def _latency_tables(cfg: SearchSettings, run_, model):
   """Measured latency tables for ``cost=latency`` (process 0 measures; every process uses its numbers)."""
   path = run_.path("latency_tables.json")
   if os.path.exists(path):  # a resumed search keeps the costs it started with
     return latency_table.load_tables(path)
-  tables = latency_table.build_tables(space, cfg.latency_batch)
+  tables = latency_table.build_tables(model, cfg.latency_batch)
   if jax.process_count() > 1:  # timings differ per host; all must optimise the same costs
     flat, tree = jax.tree.flatten((tables.stem, tables.convs, tables.shortcut, tables.projection, tables.head,
                                    tables.offset, tables.scale))
@@ -107,11 +107,11 @@ def _set_up(cfg: SearchSettings, run_: runs.Run):
   v_batches = data_lib.Batches(len(valid_half), bs, seed=cfg.seed + 1, replacement=cfg.valid_sampling == "replacement")
   targets, tables = cfg.target_ratios(), None
   if cfg.cost == "latency":
-    space = supernet.make_space(search_lib.base_shape(cfg.model, dataset.num_classes, dataset.image_size),
-                                search_lib.supernet_config(cfg))
-    tables = _latency_tables(cfg, run_, space)
+    model = supernet.build(search_lib.base_shape(cfg.model, dataset.num_classes, dataset.image_size),
+                           search_lib.supernet_config(cfg))
+    tables = _latency_tables(cfg, run_, model)
     if cfg.target_latency_ms > 0:
-      targets = [cfg.target_latency_ms / 1e3 / search_lib.CostModel(space, cfg.exact_cost, tables).unpruned()]
+      targets = [cfg.target_latency_ms / 1e3 / search_lib.CostModel(model, tables).unpruned()]
   problem, state = search_lib.build(cfg, dataset.num_classes, t_batches.steps_per_epoch, dataset.mean, dataset.std,
                                     bool(dataset.streaming), tables, targets, dataset.image_size)
   if len(targets) > 1:

@@ -73,12 +73,16 @@ class CostModel:
   """What a search counts: exact MACs, or latency in seconds predicted from measured tables (METHOD.md §3).
 
   The one place that tells the two apart: the problem, the step and the
-  outputs ask it for costs and never look at the tables themselves.
+  outputs ask it for costs and never look at the tables themselves. ``model``
+  is a supernet of the search's space (its cost graph; its variables are not read).
   """
 
-  space: space_lib.SearchSpace
-  exact: bool  # MACs: what the pruned network costs (True) or the official formulas (False)
+  model: supernet.Supernet
   tables: latency_table.LatencyTables | None = None
+
+  @property
+  def space(self) -> space_lib.SearchSpace:
+    return self.model.space
 
   @property
   def kind(self) -> str:
@@ -88,7 +92,7 @@ class CostModel:
     """The cost of a concrete shape: its MACs, or its predicted latency."""
     if self.tables is None:
       return float(cost_lib.count(shape).macs)
-    return latency_table.predict(self.space, self.tables, shape)
+    return latency_table.predict(self.model, self.tables, shape)
 
   def unpruned(self) -> float:
     return self.of(self.space.base)
@@ -98,7 +102,7 @@ class CostModel:
     wi = np.zeros(self.space.width_table.shape[0], np.int32)
     di = np.zeros(self.space.depth_table.shape[0], np.int32)
     if self.tables is None:
-      return float(cost_lib.as_int(cost_lib.discrete_cost(self.space, wi, di, self.exact)))
+      return float(cost_lib.as_int(self.model.discrete_cost(wi, di)))
     return self.of(self.space.shape_from_indices(wi, di))
 
   def of_model(self, model: supernet.Supernet, forward_costs=None):
@@ -108,11 +112,11 @@ class CostModel:
     space = self.space
     if self.tables is None:
       if forward_costs is None:
-        return None, cost_lib.as_float(cost_lib.discrete_cost(space, wi, di, model.config.exact_cost))
+        return None, cost_lib.as_float(model.discrete_cost(wi, di))
       return forward_costs["expected"], cost_lib.as_float(forward_costs["discrete"])
-    expected = cost_lib.table_cost(space, self.tables, model.width_probs(), model.depth_probs())
-    discrete = cost_lib.table_cost(space, self.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
-                                   jax.nn.one_hot(di, space.depth_table.shape[1]))
+    expected = latency_table.predicted(model, self.tables, model.width_probs(), model.depth_probs())
+    discrete = latency_table.predicted(model, self.tables, jax.nn.one_hot(wi, space.width_table.shape[1]),
+                                       jax.nn.one_hot(di, space.depth_table.shape[1]))
     return expected, jax.lax.stop_gradient(discrete)
 
 
@@ -169,7 +173,7 @@ def build(settings: SearchSettings | Mapping, num_classes: int, steps_per_epoch:
   settings = SearchSettings.resolve(settings)
   base = base_shape(settings.model, num_classes, image_size)
   model = supernet.build(base, supernet_config(settings), seed=settings.seed)
-  costs = CostModel(model.space, settings.exact_cost, tables)
+  costs = CostModel(model, tables)
   targets = settings.target_ratios() if targets is None else targets
   for ratio in targets:
     check_target(costs, ratio)
