@@ -181,3 +181,11 @@ def test_costs_are_counted_at_the_image_size_the_network_is_given():
   assert base.image_size == 32
   assert cost.count(base).macs == cost.count(shapes.imagenet_resnet(18, 10, image_size=32)).macs
   assert cost.count(search_lib.base_shape("imagenet-resnet18", 10)).macs > 40 * cost.count(base).macs
+
+
+def test_a_searchable_family_is_refused_with_the_way_to_search_it(tmp_path):
+  """Catches `model=vgg16` failing as an unknown preset, or after reading or writing anything."""
+  from tas_jax.runtime import runs
+  with pytest.raises(runs.RunError, match="searchable family.*tas_jax.steps.searchable.Search"):
+    search.run(tiny_config(model="vgg16"), str(tmp_path / "v"))
+  assert not (tmp_path / "v").exists()

@@ -16,7 +16,7 @@ import pytest
 from conftest import prototype_search
 from flax import nnx
 
-from tas_jax.core import macs, sampling
+from tas_jax.core import cost, macs, sampling
 from tas_jax.nets import cost_graph, searchable as S, surgery
 from tas_jax.steps.searchable import Search
 
@@ -397,11 +397,11 @@ def test_stack_of_different_groups_costs_its_depth_mixed_output_and_projections(
   hw, total = 8 * 8, 0.0
   for i0, i1, i2, d in itertools.product(range(2), range(2), range(2), range(2)):
     c0, c1, c2 = groups[0].candidates[i0], groups[1].candidates[i1], groups[2].candidates[i2]
-    cost = 9 * hw * 3 * c0 + 9 * hw * c0 * c1 + (0 if official else hw * c0 * c1 * (c0 != c1))
+    macs_of = 9 * hw * 3 * c0 + 9 * hw * c0 * c1 + (0 if official else hw * c0 * c1 * (c0 != c1))
     if d == 1:
-      cost += 9 * hw * c1 * c2 + (0 if official else hw * c1 * c2 * (c1 != c2))
-    cost += 5 * (c2 if official or d == 1 else c1)
-    total += p[0][i0] * p[1][i1] * p[2][i2] * q[d] * cost
+      macs_of += 9 * hw * c1 * c2 + (0 if official else hw * c1 * c2 * (c1 != c2))
+    macs_of += 5 * (c2 if official or d == 1 else c1)
+    total += p[0][i0] * p[1][i1] * p[2][i2] * q[d] * macs_of
   np.testing.assert_allclose(float(graph.expected(net)), total, rtol=1e-5)
 
 
@@ -434,3 +434,28 @@ def test_stack_of_different_groups_mixes_its_ends_interpolated_to_the_widest():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="projection"):
     surgery.export_searchable(net)
+
+
+class Huge(nnx.Module):
+  """One searchable conv and a declared op of more than 2**31 multiply-accumulates."""
+
+  def __init__(self, rngs):
+    self.conv = S.Conv(3, S.Width(8, rngs=rngs), 3, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.conv(x)
+    S.record(2**30, self.conv.out)
+    return y.mean(axis=(1, 2))
+
+
+def test_discrete_cost_of_terms_beyond_int32_is_not_wrapped_around():
+  """Catches F summed in int32 where one term alone passes 2**31: it wraps around to a negative or small count,
+  and the cost loss then pushes the wrong way."""
+  net = Huge(nnx.Rngs(0))
+  _randomise(net, 5)
+  graph = cost_graph.trace(net, IMAGE)
+  assert not graph.int32_safe
+  want = graph.count(net)
+  assert want > 2**31
+  np.testing.assert_allclose(float(graph.discrete(net)), want, rtol=1e-6)
+  np.testing.assert_allclose(float(cost.as_float(graph.discrete_pair(net))), want, rtol=1e-6)

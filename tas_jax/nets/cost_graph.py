@@ -56,6 +56,7 @@ class CostGraph:
 
   terms: tuple[Term, ...]
   official: bool = False
+  int32_safe: bool = True  # every term of the unpruned network stays below 2**31 (see discrete_pair)
 
   def _dist(self, node, probs, last=None):
     if isinstance(node, StackOutput):
@@ -128,13 +129,22 @@ class CostGraph:
     return f
 
   def discrete_pair(self, model, probs=None) -> jax.Array:
-    """F in exact integers on device: int32 ``[high, low]`` with F = high * 2**16 + low (no rounding beyond
-    2**24, where float32 starts to round; each term must stay below 2**31)."""
+    """F in exact integers on device: int32 ``[high, low]`` with F = high * 2**16 + low, no rounding beyond
+    2**24 where float32 starts to round. A network with a term of 2**31 or more (``int32_safe`` False) is
+    summed in float32 instead, to about 1e-7."""
+    if not self.int32_safe:
+      f = self.discrete(model, probs)
+      high = jnp.floor(f / 65536.0)
+      return jnp.stack([high, f - high * 65536.0]).astype(jnp.int32)
     terms = jnp.stack(self._values(model, self._one_hot(probs), jnp.int32, True))
     return jax.lax.stop_gradient(jnp.stack([(terms >> 16).sum(), (terms & 0xFFFF).sum()]).astype(jnp.int32))
 
   def discrete(self, model, probs=None) -> jax.Array:
     """F: the cost of the argmax network, as a float on device."""
+    if not self.int32_safe:
+      hot = self._one_hot(probs)
+      onehot = lambda node: None if node.fixed else hot(node).astype(jnp.float32)
+      return jax.lax.stop_gradient(sum(self._values(model, onehot, jnp.float32, True), jnp.zeros((), jnp.float32)))
     return cost_lib.as_float(self.discrete_pair(model, probs))
 
   def tabled(self, model, tables: dict, probs=None, argmax: bool = False) -> jax.Array:
@@ -268,8 +278,9 @@ def trace(model: nnx.Module, example, *, forward=None, official: bool = False) -
   if any(id(w) not in paths for _, widths, *_ in records for w in widths if isinstance(w, nodes)):
     raise ValueError("a layer ran on a copy of the network (an NNX transform such as nnx.jit, nnx.remat or "
                      "nnx.scan inside the forward): trace needs the forward to call its searchable layers directly")
-  terms = []
+  terms, peak = [], 0
   for unit, widths, blocks, kind, name in records:
+    peak = max(peak, unit * math.prod(w.nominal if isinstance(w, nodes) else int(w) for w in widths))
     powers: dict = {}
     fixed = []
     for w in widths:
@@ -285,4 +296,4 @@ def trace(model: nnx.Module, example, *, forward=None, official: bool = False) -
       continue
     terms.append(Term(unit * math.prod(fixed), tuple(sorted(powers.items())),
                       tuple((paths[id(s)], j) for s, j in blocks), kind, name, specs))
-  return CostGraph(tuple(terms), official)
+  return CostGraph(tuple(terms), official, peak < 2**31)

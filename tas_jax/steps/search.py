@@ -28,7 +28,7 @@ from tas_jax.core import distill, optim, schedules, shapes
 from tas_jax.core import space as space_lib
 from tas_jax.core import shape_files
 from tas_jax.latency import table as latency_table
-from tas_jax.nets import supernet, surgery
+from tas_jax.nets import families, supernet, surgery
 from tas_jax.runtime import parallel, runs
 from tas_jax.runtime.settings import SearchSettings, target_tag
 
@@ -59,6 +59,10 @@ def base_shape(model: str, num_classes: int | None, image_size: int | None = Non
   ``image_size`` is the side of the images the network is given (default
   the preset's): the costs are counted at it.
   """
+  if model in families.FAMILIES:
+    raise runs.RunError(f"{model} is a searchable family, which the search program does not take yet (it searches "
+                        "the ResNet presets): search it from Python with tas_jax.steps.searchable.Search (README, "
+                        "'Searching your own network')")
   try:
     base = shape_files.resolve(model, num_classes)
     if image_size:
