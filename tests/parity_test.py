@@ -47,7 +47,7 @@ def _fixture(name):
 
 
 def _torch_modules(model: supernet.Supernet):
-  """(official module prefix, tas_jax SuperConv) for every searchable conv, shortcuts included."""
+  """(official module prefix, tas_jax searchable conv) for every searchable conv, shortcuts included."""
   pairs = [("layers.0", model.stem)]
   names = TORCH_CONVS[model.space.base.block]
   for i, block in enumerate(model.blocks):

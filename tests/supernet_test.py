@@ -201,3 +201,29 @@ def test_conv_gradients_written_as_forward_convs_equal_autodiff(kernel):
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(got_vjp(dy), want_vjp(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_forward_leaves_the_supernet_as_built():
+  """Catches draws or the eval mode left on the supernet after an eager forward: its split would then fail on
+  state no filter takes, or hand out another graph structure than the one the steps were compiled for."""
+  model = supernet.build(shape_files.preset("resnet8"))
+  graphdef, *states = supernet.split(model)
+  x = jnp.zeros((2, 32, 32, 3))
+  model(x, jax.random.key(0), 1.0)
+  model.hard(x, train=False)
+  again, *after = supernet.split(model)
+  assert again == graphdef
+  assert jax.tree.structure(after) == jax.tree.structure(states)
+
+
+def test_cost_tables_must_name_every_layer():
+  """Catches a latency table missing for a layer (or one for a layer the network lacks) silently costing
+  nothing."""
+  model = supernet.build(shape_files.preset("resnet8"), abstract=True)
+  names = {t.name for t in model.graph.terms if t.name}
+  tables = {n: np.ones((8, 8)) for n in names}
+  wp = jnp.ones(model.space.width_table.shape) / model.space.width_table.shape[1]
+  dp = jnp.ones(model.space.depth_table.shape) / model.space.depth_table.shape[1]
+  model.table_cost(tables, wp, dp)
+  with pytest.raises(ValueError, match="differ"):
+    model.table_cost({n: t for n, t in tables.items() if n != "head"}, wp, dp)

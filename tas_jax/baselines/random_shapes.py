@@ -24,7 +24,8 @@ from tas_jax.baselines.targets import DEFAULT_TOLERANCE, PruneError, SAMPLERS, c
 
 @functools.lru_cache(maxsize=8)
 def _batch_counter(base: Shape, search_depth: bool):
-  model = supernet.build(base, supernet.SupernetConfig(mode="shape" if search_depth else "width"))
+  config = supernet.SupernetConfig(mode="shape" if search_depth else "width")
+  model = supernet.build(base.replace(allow_wider=False), config, abstract=True)
   fn = jax.jit(jax.vmap(model.discrete_cost))
   return model.space, fn
 

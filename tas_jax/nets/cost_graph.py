@@ -104,7 +104,7 @@ class CostGraph:
       if t.kind == "projection":
         (va, pa), (vb, pb) = (dist(s) for s in t.specs)
         differ = np.asarray([[a * b * (a != b) for b in vb] for a in va])
-        v = v * (pa @ jnp.asarray(differ, dtype) @ pb)
+        v = v * (pa[:, None] * jnp.asarray(differ, dtype) * pb[None, :]).sum()  # no reduced-precision matmul
       else:
         for path, power in t.widths:
           v = v * moment(path, power)

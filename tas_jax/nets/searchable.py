@@ -88,7 +88,7 @@ class Width(nnx.Module):
   """A width group: candidate widths of ``nominal`` and the logits of its distribution.
 
   ``search=False`` (or a single candidate) makes it a fixed width. ``candidates`` replaces the ones the
-  ratios give. ``learned=False`` leaves the logits to the network that owns the group (a table of its own,
+  ratios give (as given: the nominal width need not be one of them; none may exceed it). ``learned=False`` leaves the logits to the network that owns the group (a table of its own,
   as the built-in ResNets keep): it then draws and costs the group itself, passing its probabilities to
   the cost graph.
   """
@@ -99,14 +99,16 @@ class Width(nnx.Module):
     self.nominal = int(nominal)
     if candidates is not None and search:
       cands = tuple(sorted(set(int(c) for c in candidates)))
+      if not cands or cands[0] < 1 or cands[-1] > self.nominal:
+        raise ValueError(f"candidate widths {list(cands)} must lie in [1, {self.nominal}]")
     else:
       cands = space_lib.width_choices(self.nominal, ratios, multiple) if search else (self.nominal,)
-    if cands[-1] != self.nominal:
-      cands = tuple(sorted(set(cands) | {self.nominal}))  # the unpruned width is always a candidate
+      if cands[-1] != self.nominal:
+        cands = tuple(sorted(set(cands) | {self.nominal}))  # the unpruned width is always a candidate
     self.candidates = tuple(int(c) for c in cands)
     self.logits = ArchParam(arch_init(rngs.params(), len(self.candidates))) if learned else None
-    # The candidates the next forward uses, set by sample or use_argmax on the copy a step runs; none (the
-    # nominal width) otherwise, so a network's state never holds them.
+    # The candidates the next forward uses, set by sample or use_argmax (a step sets them on the copy it
+    # runs); none means the widest candidate.
     self.idx = nnx.data(None)
     self.weight = nnx.data(None)
     self.hard = True
@@ -127,7 +129,7 @@ class Width(nnx.Module):
     return self.candidates, self.probs() if probs is None else probs
 
   def drawn(self) -> tuple[jax.Array, jax.Array]:
-    """(candidate indices, weights) of the next forward; the nominal width when nothing was drawn."""
+    """(candidate indices, weights) of the next forward; the widest candidate when nothing was drawn."""
     if self.idx is None:
       return jnp.array([len(self.candidates) - 1], jnp.int32), jnp.ones((1,), jnp.float32)
     return self.idx, self.weight
@@ -420,6 +422,13 @@ class Dense(Layer):
 
 # ----------------------------------------------------------------------------- draws
 
+def _logits(node) -> jax.Array:
+  if node.logits is None:
+    raise ValueError("a group or stack with learned=False is drawn by the network that owns it (for the ResNet "
+                     "supernet: Supernet.sample / argmax_shape)")
+  return node.logits[...]
+
+
 def nodes(model, kind) -> list:
   """(path, node) of every node of type ``kind`` in ``model``, in graph order."""
   return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, kind)]
@@ -435,21 +444,23 @@ def sample(model: nnx.Module, key, tau, num_sampled: int = 2) -> None:
   widths = [g for _, g in nodes(model, Width) if not g.fixed]
   for i, g in enumerate(widths):
     k = min(num_sampled, len(g.candidates))
-    idx, weight = sampling.sample_widths(jax.random.fold_in(k_width, i), g.logits[...], tau, k)
+    idx, weight = sampling.sample_widths(jax.random.fold_in(k_width, i), _logits(g), tau, k)
     g.idx, g.weight = idx, weight
     g.hard = False
   for i, s in enumerate([s for _, s in nodes(model, Stack) if not s.fixed]):
-    s.q = sampling.sample_depth(jax.random.fold_in(k_depth, i), s.logits[...], tau)
+    s.q = sampling.sample_depth(jax.random.fold_in(k_depth, i), _logits(s), tau)
     s.hard = False
 
 
 def use_argmax(model: nnx.Module) -> None:
   """Make the next forward the argmax network exactly: one width per group, one depth per stack."""
   for _, g in nodes(model, Width):
-    g.idx, g.weight = jnp.argmax(g.logits[...])[None].astype(jnp.int32), jnp.ones((1,), jnp.float32)
+    i = jnp.zeros((), jnp.int32) if g.fixed else jnp.argmax(_logits(g))
+    g.idx, g.weight = i[None].astype(jnp.int32), jnp.ones((1,), jnp.float32)
     g.hard = True
   for _, s in nodes(model, Stack):
-    s.q = jax.nn.one_hot(jnp.argmax(s.logits[...]), len(s.choices), dtype=jnp.float32)
+    i = jnp.zeros((), jnp.int32) if s.fixed else jnp.argmax(_logits(s))
+    s.q = jax.nn.one_hot(i, len(s.choices), dtype=jnp.float32)
     s.hard = True
 
 
@@ -530,7 +541,7 @@ def full_choice(model) -> dict:
 
 def argmax_choice(model) -> dict:
   """The argmax candidate index of every searched width group and stack, by path."""
-  return {p: int(np.argmax(np.asarray(n.logits[...]))) for p, n in searched(model)}
+  return {p: int(np.argmax(np.asarray(_logits(n)))) for p, n in searched(model)}
 
 
 # ----------------------------------------------------------------------------- records of a searched network

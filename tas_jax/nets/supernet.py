@@ -180,8 +180,6 @@ class Supernet(nnx.Module):
     rows = [tuple(int(c) for c, ok in zip(t, m) if ok) for t, m in zip(space.width_table, space.width_mask)]
     groups = [S.Width(spec.nominal, candidates=row, search=len(row) > 1, learned=False)
               for spec, row in zip(lay.convs, rows)]
-    if any(g.candidates != row for g, row in zip(groups, rows)):
-      raise ValueError("a conv's candidate widths must end at its unpruned width")
     self.groups = nnx.List(groups)
     norm = dict(norm_groups=config.bn_groups, unbiased_var=config.unbiased_var)
     stem = lay.convs[0]
@@ -197,28 +195,34 @@ class Supernet(nnx.Module):
       stages.append(S.Stack(blocks, choices=choices, search=len(choices) > 1, scan=config.scan_blocks,
                             learned=False))
       prev = S.StackOutput(stages[-1], [b.out for b in blocks])
-    self.stages = nnx.List(stages)
+    # One Stack per stage. Named to sort before `groups` and `head`: NNX names a variable by the first path it
+    # reaches it by, in attribute order, and the head reaches every stage through its StackOutput.
+    self.body = nnx.List(stages)
     self.head = S.Dense(prev, S.Width(base.num_classes, search=False, learned=False),
                         kernel_init=resnet_lib.linear_init, cost_name="head", rngs=rngs)
     init = nnx.initializers.normal(0.01)
     self.width_logits = ArchParam(init(rngs.params(), space.width_table.shape, jnp.float32))
     self.depth_logits = ArchParam(init(rngs.params(), space.depth_table.shape, jnp.float32))
-    key = (space.base, config)
-    if key not in _GRAPHS:
-      example = jax.ShapeDtypeStruct((1, base.image_size, base.image_size, base.in_channels), jnp.float32)
-      _GRAPHS[key] = cost_graph_lib.trace(self, example, official=not config.exact_cost,
-                                          forward=lambda m, x: m.hard(x, with_costs=False)[0])
+    self.graph  # traced here, once per space
 
   @property
   def blocks(self) -> list[Block]:
     """Every block, stage by stage."""
-    return [b for stage in self.stages for b in stage.blocks]
+    return [b for stage in self.body for b in stage.blocks]
 
   # ------------------------------------------------------------------ distributions and costs
   @property
   def graph(self) -> cost_graph_lib.CostGraph:
     """The cost graph of this search space (exact, or the official formulas: ``config.exact_cost``)."""
-    return _GRAPHS[(self.space.base, self.config)]
+    space = self.space
+    key = (space.base, space.width_table.tobytes(), space.width_mask.tobytes(), space.width_table.shape,
+           space.depth_table.tobytes(), space.depth_mask.tobytes(), space.depth_table.shape, self.config.exact_cost)
+    if key not in _GRAPHS:
+      base = space.base
+      example = jax.ShapeDtypeStruct((1, base.image_size, base.image_size, base.in_channels), jnp.float32)
+      _GRAPHS[key] = cost_graph_lib.trace(self, example, official=not self.config.exact_cost,
+                                          forward=lambda m, x: m.hard(x, with_costs=False)[0])
+    return _GRAPHS[key]
 
   def width_probs(self):
     return _masked_softmax(self.width_logits[...], self.space.width_mask)
@@ -236,7 +240,7 @@ class Supernet(nnx.Module):
   def rows(self, width, depth):
     """The cost graph's ``probs``: row r of ``width`` [L, K] for group r, of ``depth`` [S, Kd] for stage r."""
     groups = {id(g): i for i, g in enumerate(self.groups)}
-    stages = {id(s): i for i, s in enumerate(self.stages)}
+    stages = {id(s): i for i, s in enumerate(self.body)}
 
     def probs(node):
       if id(node) in groups:
@@ -260,7 +264,14 @@ class Supernet(nnx.Module):
 
   def table_cost(self, tables: dict, width_dist, depth_dist):
     """The sum of per-layer tables (``{name: array}``, see :meth:`CostGraph.tabled`) under width [L, K] and
-    depth [S, Kd] distributions: softmax probabilities for an expectation, one-hot for one shape."""
+    depth [S, Kd] distributions: softmax probabilities for an expectation, one-hot for one shape.
+
+    Raises ValueError when the tables and the named layers differ (a layer left out would cost nothing).
+    """
+    names = {t.name for t in self.graph.terms if t.name is not None}
+    if names != set(tables):
+      odd = sorted(names ^ set(tables))
+      raise ValueError(f"the cost tables and this network's layers differ: {', '.join(odd[:4])}")
     return self.graph.tabled(self, tables, self.rows(width_dist, depth_dist))
 
   def costs(self):
@@ -287,12 +298,13 @@ class Supernet(nnx.Module):
     depth = jax.nn.one_hot(di, self.space.depth_table.shape[1], dtype=jnp.float32)
     return Selection(idx, _widths(self.space, idx), jnp.ones(idx.shape, jnp.float32), depth, hard=True)
 
-  def draw(self, sel: Selection) -> None:
-    """Point every group and stage at a selection's rows for the next forward."""
+  def draw(self, sel: Selection | None) -> None:
+    """Point every group and stage at a selection's rows for the next forward; None clears the draws."""
     for i, g in enumerate(self.groups):
-      g.idx, g.weight, g.hard = sel.idx[i], sel.weight[i], sel.hard
-    for s, stage in enumerate(self.stages):
-      stage.q, stage.hard = (None if sel.depth is None else sel.depth[s, : len(stage.choices)]), sel.hard
+      g.idx, g.weight, g.hard = (None, None, True) if sel is None else (sel.idx[i], sel.weight[i], sel.hard)
+    for s, stage in enumerate(self.body):
+      q = None if sel is None or sel.depth is None else sel.depth[s, : len(stage.choices)]
+      stage.q, stage.hard = q, True if sel is None else sel.hard
 
   def __call__(self, images, key, tau, *, train: bool = True, with_costs: bool = True):
     return self.forward(images, self.sample(key, tau), train=train, with_costs=with_costs)
@@ -303,16 +315,20 @@ class Supernet(nnx.Module):
   def forward(self, images, sel: Selection, *, train: bool, with_costs: bool = True):
     self.draw(sel)
     self.train() if train else self.eval()
-    x = images if self.config.dtype is None else images.astype(self.config.dtype)
-    x = jax.nn.relu(self.stem(x))
-    if self.space.base.arch == "imagenet":
-      x = resnet_lib.max_pool3s2(x)
-    xw = (x, self.stem.out.drawn_widths().max())
-    for stage in self.stages:
-      xw = stage(xw)
-    feats = xw[0].astype(jnp.float32).mean(axis=(1, 2))
-    S.record(self.space.base.num_classes, kind="bias")
-    logits = self.head(feats)
+    try:
+      x = images if self.config.dtype is None else images.astype(self.config.dtype)
+      x = jax.nn.relu(self.stem(x))
+      if self.space.base.arch == "imagenet":
+        x = resnet_lib.max_pool3s2(x)
+      xw = (x, self.stem.out.drawn_widths().max())
+      for stage in self.body:
+        xw = stage(xw)
+      feats = xw[0].astype(jnp.float32).mean(axis=(1, 2))
+      S.record(self.space.base.num_classes, kind="bias")
+      logits = self.head(feats)
+    finally:  # the network keeps no draw and its training mode: its structure and state stay as built
+      self.draw(None)
+      self.train()
     # The cost graph is small but not free to compile; the weight step does not need it.
     return logits, (self.costs() if with_costs else None)
 
@@ -372,5 +388,8 @@ def apply(graphdef, weights, arch, stats, images, key, tau, *, train: bool = Tru
   return logits, costs, nnx.state(model, nnx.BatchStat)
 
 
-def build(base: Shape, config: SupernetConfig = SupernetConfig(), seed: int = 0) -> Supernet:
+def build(base: Shape, config: SupernetConfig = SupernetConfig(), seed: int = 0, abstract: bool = False) -> Supernet:
+  """A supernet; ``abstract`` builds shapes only (nothing is computed): enough for its costs, which read no weight."""
+  if abstract:
+    return nnx.eval_shape(lambda: Supernet(base, config, rngs=nnx.Rngs(seed)))
   return Supernet(base, config, rngs=nnx.Rngs(seed))

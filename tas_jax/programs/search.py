@@ -108,7 +108,7 @@ def _set_up(cfg: SearchSettings, run_: runs.Run):
   targets, tables = cfg.target_ratios(), None
   if cfg.cost == "latency":
     model = supernet.build(search_lib.base_shape(cfg.model, dataset.num_classes, dataset.image_size),
-                           search_lib.supernet_config(cfg))
+                           search_lib.supernet_config(cfg), abstract=True)
     tables = _latency_tables(cfg, run_, model)
     if cfg.target_latency_ms > 0:
       targets = [cfg.target_latency_ms / 1e3 / search_lib.CostModel(model, tables).unpruned()]

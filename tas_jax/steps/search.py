@@ -177,7 +177,7 @@ def build(settings: SearchSettings | Mapping, num_classes: int, steps_per_epoch:
   settings = SearchSettings.resolve(settings)
   base = base_shape(settings.model, num_classes, image_size)
   model = supernet.build(base, supernet_config(settings), seed=settings.seed)
-  costs = CostModel(model, tables)
+  costs = CostModel(supernet.build(base, supernet_config(settings), abstract=True), tables)  # no weights kept
   targets = settings.target_ratios() if targets is None else targets
   for ratio in targets:
     check_target(costs, ratio)
