@@ -89,12 +89,7 @@ class CostGraph:
       return once(("moment", path, power), make)
 
     def survival(path, j):
-      def make():
-        s = nodes[path]
-        p = probs(s)
-        p = s.probs() if p is None else p
-        return (p.astype(dtype) * jnp.asarray([c > j for c in s.choices], dtype)).sum()
-      return once(("survival", path, j), make)
+      return once(("survival", path, j), lambda: _survival(nodes[path], j, probs, dtype))
 
     values = []
     for t in self.terms:
@@ -170,10 +165,8 @@ class CostGraph:
         widths, p = self._dist(nodes[s], probs, last=False)
         v = v[..., : len(widths)] @ p.astype(jnp.float32)
       for path, j in t.blocks:
-        s = nodes[path]
-        if not s.fixed:
-          p = probs(s)
-          v = v * ((s.probs() if p is None else p) * jnp.asarray([c > j for c in s.choices], jnp.float32)).sum()
+        if not nodes[path].fixed:
+          v = v * _survival(nodes[path], j, probs, jnp.float32)
       total = total + v
     return total
 
@@ -250,6 +243,13 @@ class CostGraph:
       if over:
         floor[p] = i
     return choice
+
+
+def _survival(stack, j: int, probs, dtype) -> jax.Array:
+  """P(block j of ``stack`` is kept) = P(depth > j), under ``probs(stack)`` or the stack's own distribution."""
+  p = probs(stack)
+  p = stack.probs() if p is None else p
+  return (p.astype(dtype) * jnp.asarray([c > j for c in stack.choices], dtype)).sum()
 
 
 def trace(model: nnx.Module, example, *, forward=None, official: bool = False) -> CostGraph:
